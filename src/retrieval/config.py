@@ -1,0 +1,346 @@
+"""Typed, validated parameters.
+
+params.yaml is read once per stage into these dataclasses. Every key is checked before any work
+starts: unknown keys (typos) and wrong types are rejected by name, and values are range-checked, so
+a bad experiment fails in a second with a message that says which key to change.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from retrieval.outputs import UserError
+
+
+class ParamsError(UserError):
+    """A parameter in params.yaml is missing, unknown, of the wrong type or out of range."""
+
+
+def _check(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise ParamsError(f"{key} {message}: change {key} in params.yaml")
+
+
+@dataclass(frozen=True)
+class SyntheticConfig:
+    classes: int = 10
+    images_per_class: int = 48
+    size: int = 128
+
+    def validate(self, key: str) -> None:
+        _check(2 <= self.classes <= 16, f"{key}.classes", f"({self.classes}) must be in [2, 16]")
+        _check(self.images_per_class >= 4, f"{key}.images_per_class", "must be >= 4")
+        _check(32 <= self.size <= 512, f"{key}.size", f"({self.size}) must be in [32, 512]")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: Literal["synthetic", "folder"] = "synthetic"
+    root: str = ""  # folder source: one sub-folder per class; relative paths start at the repo root
+    masks: str = ""  # optional folder parallel to root holding <class>/<stem>.png masks
+    image_size: int = 96
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+
+    def validate(self, key: str) -> None:
+        _check(self.source != "folder" or bool(self.root), f"{key}.root",
+               "is empty but data.source is 'folder'; set it to a one-folder-per-class directory")
+        _check(16 <= self.image_size <= 1024, f"{key}.image_size",
+               f"({self.image_size}) must be in [16, 1024]")
+        self.synthetic.validate(f"{key}.synthetic")
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    mode: Literal["stratified", "class_disjoint"] = "stratified"
+    train: float = 0.7
+    val: float = 0.15
+    test: float = 0.15
+    small_classes: Literal["train", "drop"] = "train"
+
+    def validate(self, key: str) -> None:
+        for name in ("train", "val", "test"):
+            value = getattr(self, name)
+            _check(0 < value < 1, f"{key}.{name}", f"({value}) must be in (0, 1)")
+        total = self.train + self.val + self.test
+        _check(abs(total - 1) < 1e-6, f"{key}.train/val/test", f"sum to {total:g}, not 1")
+
+
+@dataclass(frozen=True)
+class VerifyNormalizationConfig:
+    sample_size: int = 256
+    # Normalised natural images have per-channel means within ~0.3 of 0 and stds within
+    # ~0.25 of 1 (ImageNet statistics are averages over very varied photos; any one dataset
+    # drifts a little). A wrong mean/std, a missing ToTensor scaling (0-255) or a double
+    # normalisation moves these by > 1, so the tolerances separate right from wrong easily.
+    mean_tolerance: float = 0.5
+    std_tolerance: float = 0.5
+
+    def validate(self, key: str) -> None:
+        _check(self.sample_size >= 1, f"{key}.sample_size", "must be >= 1")
+        _check(self.mean_tolerance > 0, f"{key}.mean_tolerance", "must be > 0")
+        _check(self.std_tolerance > 0, f"{key}.std_tolerance", "must be > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: Literal["resnet50", "resnet18", "cifar_resnet"] = "resnet50"
+    weights: str = "none"  # imagenet | none | path to a local state_dict file
+    cifar_n: int = 3  # cifar_resnet depth is 6n+2
+    pooling: Literal["avg", "max", "gem"] = "avg"
+    head: Literal["mlp", "linear", "none"] = "mlp"
+    hidden_dim: int = 512
+    embedding_dim: int = 128
+    batchnorm: bool = True
+    dropout: float = 0.0
+
+    def validate(self, key: str) -> None:
+        _check(self.cifar_n >= 1, f"{key}.cifar_n", "must be >= 1")
+        _check(self.hidden_dim >= 1, f"{key}.hidden_dim", "must be >= 1")
+        _check(self.embedding_dim >= 2, f"{key}.embedding_dim", "must be >= 2")
+        _check(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = False
+    crop_scale_min: float = 0.6
+    flip: bool = True
+    color_jitter: float = 0.2
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.crop_scale_min <= 1, f"{key}.crop_scale_min", "must be in (0, 1]")
+        _check(0 <= self.color_jitter <= 1, f"{key}.color_jitter", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings shared by train_frozen and train_unfrozen (per-stage sections override epochs)."""
+
+    loss: Literal["contrastive", "inbatch_contrastive", "triplet", "supcon", "cross_entropy"] = (
+        "contrastive"
+    )
+    margin: float = 1.0
+    temperature: float = 0.1
+    pairs_per_epoch: int = 1000
+    hard_pairs: bool = False
+    negatives: Literal["hard", "random"] = "hard"
+    mining_k: int = 30
+    images_per_class: int = 4
+    batch_size: int = 32
+    optimizer: Literal["adam", "sgd"] = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_factor: float = 0.5
+    lr_patience: int = 2
+    early_stopping_patience: int = 5
+    threshold_criterion: Literal["f1", "accuracy"] = "f1"
+    val_pairs: int = 500
+
+    def validate(self, key: str) -> None:
+        _check(self.margin > 0, f"{key}.margin", f"({self.margin}) must be > 0")
+        _check(self.temperature > 0, f"{key}.temperature", "must be > 0")
+        _check(self.pairs_per_epoch >= 2, f"{key}.pairs_per_epoch", "must be >= 2")
+        _check(self.mining_k >= 1, f"{key}.mining_k", "must be >= 1")
+        _check(self.batch_size >= 2, f"{key}.batch_size", f"({self.batch_size}) must be >= 2")
+        _check(self.images_per_class >= 2, f"{key}.images_per_class", "must be >= 2")
+        if self.loss in ("inbatch_contrastive", "supcon"):
+            _check(self.batch_size % self.images_per_class == 0, f"{key}.batch_size",
+                   f"({self.batch_size}) must be a multiple of images_per_class "
+                   f"({self.images_per_class})")
+        _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(0 < self.lr_factor < 1, f"{key}.lr_factor", "must be in (0, 1)")
+        _check(self.lr_patience >= 0, f"{key}.lr_patience", "must be >= 0")
+        _check(self.early_stopping_patience >= 1, f"{key}.early_stopping_patience", "must be >= 1")
+        _check(self.val_pairs >= 2, f"{key}.val_pairs", "must be >= 2")
+
+
+@dataclass(frozen=True)
+class TrainFrozenConfig:
+    epochs: int = 30
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def validate(self, key: str) -> None:
+        _check(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
+        self.augment.validate(f"{key}.augment")
+
+
+@dataclass(frozen=True)
+class TrainUnfrozenConfig:
+    epochs: int = 6
+    init: Literal["frozen", "scratch"] = "frozen"
+    backbone_lr_mult: float = 0.1
+    # Train only the backbone stages from this one on (earlier ones stay frozen); "all" trains
+    # every layer. For ResNets: layer1..layer4.
+    unfreeze_from: Literal["all", "layer1", "layer2", "layer3", "layer4"] = "all"
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(enabled=True))
+
+    def validate(self, key: str) -> None:
+        _check(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
+        _check(self.backbone_lr_mult > 0, f"{key}.backbone_lr_mult", "must be > 0")
+        self.augment.validate(f"{key}.augment")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    test_pairs: int = 1000
+    threshold_criterion: Literal["f1", "accuracy"] = "f1"
+    gallery: Literal["test", "train"] = "test"
+    bootstrap: int = 1000
+    examples: int = 6
+
+    def validate(self, key: str) -> None:
+        _check(self.test_pairs >= 2, f"{key}.test_pairs", "must be >= 2")
+        _check(self.bootstrap >= 0, f"{key}.bootstrap", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class EmbedVizConfig:
+    perplexity: float = 30.0
+    max_points: int = 3000
+    highlight_classes: int = 10
+
+    def validate(self, key: str) -> None:
+        _check(self.perplexity > 0, f"{key}.perplexity", "must be > 0")
+        _check(self.max_points >= 10, f"{key}.max_points", "must be >= 10")
+
+
+@dataclass(frozen=True)
+class GradcamConfig:
+    methods: tuple[str, ...] = ("gradcam", "gradcam++", "input_gradient", "guided_backprop")
+    binarize: tuple[str, ...] = ("otsu", "top_percent:20", "top_percent:30", "top_percent:40",
+                                 "fixed:0.5")
+    overlays: int = 8
+    max_images: int = 400
+
+    def validate(self, key: str) -> None:
+        valid = {"gradcam", "gradcam++", "input_gradient", "guided_backprop"}
+        for method in self.methods:
+            _check(method in valid, f"{key}.methods", f"has unknown '{method}' (valid: {sorted(valid)})")
+        for candidate in self.binarize:
+            name = candidate.split(":")[0]
+            _check(name in {"otsu", "fixed", "top_percent"}, f"{key}.binarize",
+                   f"has unknown '{candidate}' (use otsu, fixed:<v> or top_percent:<p>)")
+        _check(self.max_images >= 1, f"{key}.max_images", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 42
+    lr: float = 1e-3
+    precision: Literal["fp32", "bf16"] = "bf16"
+    device: str = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    verify_normalization: VerifyNormalizationConfig = field(
+        default_factory=VerifyNormalizationConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    train_frozen: TrainFrozenConfig = field(default_factory=TrainFrozenConfig)
+    train_unfrozen: TrainUnfrozenConfig = field(default_factory=TrainUnfrozenConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    embed_viz: EmbedVizConfig = field(default_factory=EmbedVizConfig)
+    gradcam_segment: GradcamConfig = field(default_factory=GradcamConfig)
+
+    def validate(self, key: str = "") -> None:
+        _check(self.lr > 0, "lr", f"({self.lr}) must be > 0")
+        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+               "device", f"('{self.device}') must be auto, cpu or cuda[:N]")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value.validate(f.name)
+
+
+def _build(cls: type, raw: Any, key: str) -> Any:
+    """Build dataclass `cls` from a mapping, checking keys and types recursively."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{key or 'params'} must be a mapping, found {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ParamsError(f"unknown key '{where}{unknown[0]}' in params.yaml "
+                          f"(valid keys: {', '.join(sorted(fields))})")
+    values = {name: _coerce(hints[name], value, f"{key}.{name}" if key else name)
+              for name, value in raw.items()}
+    return cls(**values)
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ParamsError(f"{key} is '{value}', expected one of {list(choices)}: "
+                              f"change {key} in params.yaml")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ParamsError(f"{key} must be a list, found {type(value).__name__}")
+        return tuple(_coerce(typing.get_args(hint)[0], v, key) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is bool and not isinstance(value, bool):
+        raise ParamsError(f"{key} must be true or false, found {value!r}")
+    if hint is int and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ParamsError(f"{key} must be an integer, found {value!r}")
+    if hint in (float, str) and not isinstance(value, hint):
+        raise ParamsError(f"{key} must be a {hint.__name__}, found {value!r}")
+    return value
+
+
+def params_from_dict(raw: dict) -> Params:
+    params = _build(Params, raw or {}, "")
+    params.validate()
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; raise ParamsError with a one-line message on any problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found: run from the repository root")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ParamsError(f"{path} is not valid YAML: {str(error).splitlines()[0]}") from error
+    return params_from_dict(raw)
+
+
+def to_dict(params: Any) -> dict:
+    return dataclasses.asdict(params)
+
+
+def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, the form MLflow params and DVC use."""
+    flat: dict[str, Any] = {}
+    for name, value in mapping.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{key}."))
+        else:
+            flat[key] = value
+    return flat
+
+
+def select(params: Params, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The flattened values of the top-level keys a stage reads (what it logs to MLflow)."""
+    full = to_dict(params)
+    return flatten({key: full[key] for key in keys})

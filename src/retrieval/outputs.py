@@ -1,0 +1,86 @@
+"""Writing stage outputs: atomically, so a killed stage never leaves half a file.
+
+Every file is written to a temporary sibling and renamed into place (rename is atomic on POSIX).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+
+class UserError(ValueError):
+    """Bad input from the user (params, data, a path): reported in one line, exit code 2."""
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; move it into place only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(handle)
+    try:
+        yield Path(temp)
+        os.replace(temp, path)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, float):
+        return round(value, 6) if math.isfinite(value) else None
+    return value
+
+
+def write_json(path: str | Path, data: dict) -> None:
+    """Metrics JSON: sorted keys, floats rounded to 6 digits (stable diffs in `dvc metrics diff`)."""
+    with atomic_path(path) as temp:
+        temp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def write_csv(path: str | Path, table: pd.DataFrame) -> None:
+    with atomic_path(path) as temp:
+        table.to_csv(temp, index=False, float_format="%.6g")
+
+
+def save_figure(figure: Any, path: str | Path, dpi: int = 110) -> None:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as temp:
+        figure.savefig(temp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix[1:])
+    plt.close(figure)
+
+
+def run_main(main: Callable[[], None]) -> None:
+    """Run a stage or command: user errors become one line on stderr and exit code 2."""
+    try:
+        main()
+    except (UserError, FileNotFoundError) as error:
+        name = type(error).__name__
+        print(f"error ({name}): {error}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: outputs written so far are complete; re-run to continue",
+              file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,43 @@
+"""prepare: generate the sample dataset (or point at a real one) and index it.
+
+Reads:  params seed, data.*; the dataset folder (read-only) when data.source is 'folder'
+Writes: data/prepared/{sample/, index.csv, excluded.csv, dataset.json}, metrics/prepare.json
+"""
+
+from pathlib import Path
+
+from retrieval import config, data, outputs, tracking, workspace
+
+OUT = Path("data/prepared")
+
+
+def main() -> None:
+    params = config.load_params()
+    d = params.data
+    with tracking.stage_run("prepare", config.select(params, ("seed", "data")),
+                            config.flatten(config.to_dict(params))) as run:
+        location = data.locate_dataset(
+            d.source, workspace.resolve(d.root) if d.root else "",
+            workspace.resolve(d.masks) if d.masks else None, OUT / "sample",
+            dict(n_classes=d.synthetic.classes, images_per_class=d.synthetic.images_per_class,
+                 image_size=d.synthetic.size, seed=params.seed))
+        result = data.index_folder(location.root, location.masks)
+        outputs.write_csv(OUT / "index.csv", result.index)
+        outputs.write_csv(OUT / "excluded.csv", result.excluded)
+        outputs.write_json(OUT / "dataset.json", {
+            "root": str(location.root), "masks": str(location.masks or ""), "source": d.source})
+        counts = result.index["label"].value_counts()
+        metrics = {"images": len(result.index), "classes": len(counts),
+                   "excluded": len(result.excluded),
+                   "excluded_files": result.excluded["path"].tolist(),
+                   "images_with_mask": int((result.index["mask_path"] != "").sum()),
+                   "missing_masks": result.missing_masks,
+                   "mismatched_masks": result.mismatched_masks,
+                   "min_class_size": int(counts.min()), "max_class_size": int(counts.max())}
+        outputs.write_json("metrics/prepare.json", metrics)
+        run.log_metrics(metrics, to_parent=True)
+        run.log_artifact(OUT / "excluded.csv")
+
+
+if __name__ == "__main__":
+    outputs.run_main(main)

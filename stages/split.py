@@ -1,0 +1,43 @@
+"""split: stratified (or class-disjoint) train/val/test split as one table, no copies.
+
+Reads:  params seed, split.*; data/prepared/index.csv
+Writes: data/split.csv (path, label, split, mask_path), metrics/split.json,
+        plots/split/class_counts.csv
+"""
+
+import pandas as pd
+
+from retrieval import config, data, outputs, tracking
+
+
+def main() -> None:
+    params = config.load_params()
+    s = params.split
+    index = pd.read_csv("data/prepared/index.csv", keep_default_na=False, dtype=str)
+    with tracking.stage_run("split", config.select(params, ("seed", "split")),
+                            config.flatten(config.to_dict(params))) as run:
+        fractions = (s.train, s.val, s.test)
+        small: list[str] = []
+        if s.mode == "stratified":
+            table, small = data.stratified_split(index, fractions, params.seed, s.small_classes)
+        else:
+            table = data.class_disjoint_split(index, fractions, params.seed)
+        data.check_retrieval_possible(table)
+        counts = table.pivot_table(index="label", columns="split", values="path",
+                                   aggfunc="count", fill_value=0)
+        counts = counts.reindex(columns=list(data.SPLITS), fill_value=0).reset_index()
+        outputs.write_csv("data/split.csv", table)
+        outputs.write_csv("plots/split/class_counts.csv", counts)
+        per_split = table.groupby("split")
+        metrics = {"mode": s.mode, "small_classes": len(small), "small_class_rule": s.small_classes,
+                   "small_class_names": small,
+                   **{f"{name}_images": int(per_split.size().get(name, 0)) for name in data.SPLITS},
+                   **{f"{name}_classes": int(per_split["label"].nunique().get(name, 0))
+                      for name in data.SPLITS}}
+        outputs.write_json("metrics/split.json", metrics)
+        run.log_metrics(metrics, to_parent=True)
+        run.log_artifact("plots/split/class_counts.csv")
+
+
+if __name__ == "__main__":
+    outputs.run_main(main)
