@@ -8,6 +8,8 @@ a bad experiment fails in a second with a message that says which key to change.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -155,6 +157,7 @@ class TrainConfig:
                    f"({self.batch_size}) must be a multiple of images_per_class "
                    f"({self.images_per_class})")
         _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
+        _check(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
         _check(0 < self.lr_factor < 1, f"{key}.lr_factor", "must be in (0, 1)")
         _check(self.lr_patience >= 0, f"{key}.lr_patience", "must be >= 0")
         _check(self.early_stopping_patience >= 1, f"{key}.early_stopping_patience", "must be >= 1")
@@ -224,9 +227,9 @@ class GradcamConfig:
         for method in self.methods:
             _check(method in valid, f"{key}.methods", f"has unknown '{method}' (valid: {sorted(valid)})")
         for candidate in self.binarize:
-            name = candidate.split(":")[0]
-            _check(name in {"otsu", "fixed", "top_percent"}, f"{key}.binarize",
-                   f"has unknown '{candidate}' (use otsu, fixed:<v> or top_percent:<p>)")
+            _check(re.fullmatch(r"otsu|fixed:(0?\.\d+|1(\.0*)?|0)|top_percent:\d+(\.\d+)?",
+                                candidate) is not None, f"{key}.binarize",
+                   f"has '{candidate}' (use otsu, fixed:<0..1> or top_percent:<0..100>)")
         _check(self.max_images >= 1, f"{key}.max_images", "must be >= 1")
 
 
@@ -249,8 +252,9 @@ class Params:
     gradcam_segment: GradcamConfig = field(default_factory=GradcamConfig)
 
     def validate(self, key: str = "") -> None:
-        _check(self.lr > 0, "lr", f"({self.lr}) must be > 0")
-        _check(self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"),
+        _check(0 < self.lr < 10, "lr", f"({self.lr}) must be in (0, 10)")
+        _check(self.seed >= 0, "seed", f"({self.seed}) must be >= 0")
+        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                "device", f"('{self.device}') must be auto, cpu or cuda[:N]")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -290,13 +294,16 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         return tuple(_coerce(typing.get_args(hint)[0], v, key) for v in value)
     if origin in (typing.Union, types.UnionType):
         return value
-    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
-        return float(value)
     if hint is float and isinstance(value, str):
         try:  # YAML 1.1 reads "1e-3" (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ParamsError(f"{key} is {value}, expected a finite number: "
+                              f"change {key} in params.yaml")
+        return float(value)
     if hint is bool and not isinstance(value, bool):
         raise ParamsError(f"{key} must be true or false, found {value!r}")
     if hint is int and (not isinstance(value, int) or isinstance(value, bool)):

@@ -8,6 +8,7 @@ directory is only ever read.
 
 from __future__ import annotations
 
+import glob
 import os
 import warnings
 import zlib
@@ -78,8 +79,10 @@ def _decode_problem(path: Path) -> str | None:
         image = load_rgb(path, draft_size=64)
     except Image.DecompressionBombError:
         return "too many pixels (decompression-bomb limit)"
-    except (Image.DecompressionBombWarning, Image.UnidentifiedImageError):
-        return "too many pixels or not an image"
+    except Image.DecompressionBombWarning:
+        return "too many pixels (above Image.MAX_IMAGE_PIXELS)"
+    except Image.UnidentifiedImageError:
+        return "not an image"
     except (OSError, SyntaxError, ValueError) as error:
         return f"cannot decode: {str(error).splitlines()[0][:80]}"
     if min(image.size) < 2:
@@ -89,10 +92,12 @@ def _decode_problem(path: Path) -> str | None:
 
 def _files_below(folder: Path) -> list[Path]:
     """Regular files below `folder`, sorted, skipping hidden entries and symlink loops."""
-    found, visited = [], set()
+    found, visited, top = [], set(), folder.resolve()
     for current, dirs, files in os.walk(folder, followlinks=True):
         real = Path(current).resolve()
-        if real in visited:  # a directory symlink pointing back up the tree
+        # A directory symlink back to this folder or above it (a loop; above it, it would also
+        # pull other classes' images into this class), or to a folder already walked.
+        if real in visited or (visited and top.is_relative_to(real)):
             dirs[:] = []
             continue
         visited.add(real)
@@ -148,7 +153,8 @@ def _find_mask(image_path: Path, root: Path, masks_root: Path) -> tuple[str, str
     """The mask for an image: same relative folder and stem, any image extension."""
     relative = image_path.relative_to(root)
     folder = masks_root / relative.parent
-    candidates = sorted(folder.glob(relative.stem + ".*")) if folder.is_dir() else []
+    # glob.escape: a stem like "d[1]" is a pattern that would match the mask of "d1".
+    candidates = sorted(folder.glob(glob.escape(relative.stem) + ".*")) if folder.is_dir() else []
     if not candidates:
         return "", "missing"
     mask = candidates[0]
@@ -251,7 +257,7 @@ def locate_dataset(source: str, root: str | Path, masks: str | Path | None,
     if source == "synthetic":
         from retrieval import synthetic
 
-        synthetic.generate(sample_dir, **synthetic_args)
+        synthetic.generate(sample_dir, overwrite=True, **synthetic_args)
         return DatasetLocation(sample_dir / "images", sample_dir / "masks")
     return DatasetLocation(Path(root), Path(masks) if masks else None)
 
