@@ -35,8 +35,8 @@ def test_missing_keys_take_the_defaults():
     ({"model": {"batchnorm": "yes"}}, "model.batchnorm must be true or false"),
     ({"data": {"root": 7}}, "data.root must be a str"),
     ({"gradcam_segment": {"methods": "gradcam"}}, "gradcam_segment.methods must be a list"),
-    ({"lr": 0}, "lr (0.0) must be > 0: change lr in params.yaml"),
-    ({"lr": -0.1}, "lr (-0.1) must be > 0"),
+    ({"lr": 0}, "lr (0.0) must be in (0, 10): change lr in params.yaml"),
+    ({"lr": -0.1}, "lr (-0.1) must be in (0, 10)"),
     # 0.7 + 0.2 + 0.2 = 1.1 (printed with :g)
     ({"split": {"train": 0.7, "val": 0.2, "test": 0.2}}, "split.train/val/test sum to 1.1"),
     ({"split": {"train": 0.8, "val": 0.0, "test": 0.2}}, "split.val (0.0) must be in (0, 1)"),

@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +52,9 @@ def cache_key(paths: list[Path], image_size: int) -> str:
 class ImageCache:
     """uint8 images (N, 3, S, S) in the order of the paths they were built from."""
 
-    def __init__(self, array: np.ndarray):
+    def __init__(self, array: np.ndarray, key: str = ""):
         self.array = array
+        self.key = key  # content hash: identifies these exact images at this size
 
     def __len__(self) -> int:
         return len(self.array)
@@ -79,7 +81,7 @@ class ImageCache:
         shape = (len(paths), 3, side, side)
         if not file.exists():
             _decode_into(file, paths, image_size, shape, workers, progress)
-        return cls(np.memmap(file, dtype=np.uint8, mode="r", shape=shape))
+        return cls(np.memmap(file, dtype=np.uint8, mode="r", shape=shape), key)
 
 
 def _decode_into(file: Path, paths: list[Path], image_size: int, shape: tuple,
@@ -111,3 +113,24 @@ def images_for(files: list[str], image_size: int, progress: bool = True) -> Imag
 
     return ImageCache.build([Path(f) for f in files], image_size, cache_dir() / "images",
                             progress=progress)
+
+
+def array_for(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """A computed array cached under `name` (which must encode everything it depends on)."""
+    from retrieval.workspace import cache_dir
+
+    file = cache_dir() / "arrays" / f"{name}.npy"
+    if file.exists():
+        return np.load(file)
+    array = compute()
+    file.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
+    os.close(handle)
+    try:
+        with open(temp, "wb") as stream:
+            np.save(stream, array)
+        os.replace(temp, file)
+    finally:
+        if os.path.exists(temp):
+            os.unlink(temp)
+    return array
