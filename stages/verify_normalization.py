@@ -8,7 +8,8 @@ Writes: metrics/verify_normalization.json, plots/verify_normalization/histograms
 
 import numpy as np
 
-from retrieval import cache, config, data, outputs, plots, tracking, transforms
+from retrieval import cache, config, data, outputs, tracking, transforms
+from retrieval.plots import training as training_plots
 
 
 def main() -> None:
@@ -32,12 +33,12 @@ def main() -> None:
             raise outputs.UserError("normalisation check failed: " + "; ".join(problems)
                                     + " (check transforms.normalize and the image decoding)")
         metrics = {"images": len(sample), "image_size": params.data.image_size,
-                   **{f"normalized_mean_{c}": m for c, m in zip("rgb", stats["mean"])},
-                   **{f"normalized_std_{c}": s for c, s in zip("rgb", stats["std"])},
-                   **{f"raw_mean_{c}": m for c, m in zip("rgb", raw_stats["mean"])},
-                   **{f"raw_std_{c}": s for c, s in zip("rgb", raw_stats["std"])},
+                   **{f"normalized_mean_{c}": m for c, m in zip("rgb", stats["mean"], strict=True)},
+                   **{f"normalized_std_{c}": s for c, s in zip("rgb", stats["std"], strict=True)},
+                   **{f"raw_mean_{c}": m for c, m in zip("rgb", raw_stats["mean"], strict=True)},
+                   **{f"raw_std_{c}": s for c, s in zip("rgb", raw_stats["std"], strict=True)},
                    "mean_tolerance": v.mean_tolerance, "std_tolerance": v.std_tolerance}
-        figure = plots.normalization_histograms((crops.float() / 255.0).numpy(),
+        figure = training_plots.normalization_histograms((crops.float() / 255.0).numpy(),
                                                 normalized.numpy())
         outputs.save_figure(figure, "plots/verify_normalization/histograms.png")
         outputs.write_json("metrics/verify_normalization.json", metrics)

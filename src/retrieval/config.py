@@ -225,7 +225,8 @@ class GradcamConfig:
     def validate(self, key: str) -> None:
         valid = {"gradcam", "gradcam++", "input_gradient", "guided_backprop"}
         for method in self.methods:
-            _check(method in valid, f"{key}.methods", f"has unknown '{method}' (valid: {sorted(valid)})")
+            _check(method in valid, f"{key}.methods",
+                   f"has unknown '{method}' (valid: {sorted(valid)})")
         for candidate in self.binarize:
             _check(re.fullmatch(r"otsu|fixed:(0?\.\d+|1(\.0*)?|0)|top_percent:\d+(\.\d+)?",
                                 candidate) is not None, f"{key}.binarize",

@@ -50,7 +50,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    """Metrics JSON: sorted keys, floats rounded to 6 digits (stable diffs in `dvc metrics diff`)."""
+    """Metrics JSON: sorted keys, floats rounded to 6 digits (stable `dvc metrics diff`)."""
     with atomic_path(path) as temp:
         temp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
 

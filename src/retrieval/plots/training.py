@@ -1,14 +1,10 @@
-"""Figures. Pure functions: data in, matplotlib Figure out (the caller saves it)."""
+"""Figures of the data and training stages: normalisation histograms, training curves."""
 
 from __future__ import annotations
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
 CHANNELS = ("red", "green", "blue")
 

@@ -1,0 +1,34 @@
+"""Batched inference over the image cache: embeddings and backbone features, computed once.
+
+The loop reads uint8 crops from the memory-mapped cache, normalises on the fly and runs the model
+under inference_mode with the configured precision and channels_last. No JPEG is touched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from retrieval import runtime, transforms
+from retrieval.cache import ImageCache
+
+
+def run_batched(function: Callable[[torch.Tensor], torch.Tensor], images: ImageCache,
+                indices: np.ndarray, image_size: int, device: torch.device, precision: str,
+                batch_size: int = 64, desc: str | None = None) -> np.ndarray:
+    """function(normalised images (B, 3, s, s)) for every index, stacked as float32 numpy."""
+    crop = transforms.eval_crop(image_size)
+    outputs = []
+    batches = range(0, len(indices), batch_size)
+    with torch.inference_mode(), runtime.autocast(device, precision):
+        for start in tqdm(batches, desc=desc, disable=desc is None, unit="batch", leave=False):
+            batch = images.batch(indices[start:start + batch_size])
+            x = transforms.normalize(runtime.to_device(crop(batch), device))
+            outputs.append(function(x.contiguous(memory_format=torch.channels_last))
+                           .float().cpu())
+    if not outputs:
+        return np.zeros((0, 0), dtype=np.float32)
+    return torch.cat(outputs).numpy()

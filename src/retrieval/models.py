@@ -1,0 +1,240 @@
+"""The Siamese embedding network: backbone trunk -> global pooling -> head -> L2 normalisation.
+
+Both branches of a pair share one network, so "Siamese" is simply: embed both images with it.
+
+    trunk   torchvision ResNet-50/18 without avgpool/fc, or the from-scratch CIFAR-style
+            "6n+2" ResNet; (B, 3, H, W) -> feature maps (B, C, h, w)
+    pool    avg (SPoC), max (MAC) or GeM with a learnable p; -> (B, C)
+    head    mlp: C -> hidden -> embedding (BatchNorm/dropout optional); linear: C -> embedding;
+            none: the pooled descriptor itself
+    output  L2-normalised (B, D)
+
+The pooled backbone descriptor (``features``) is the untrained baseline the evaluation compares
+against. ``frozen_features``/``from_frozen`` split the network at the point up to which a frozen
+backbone is constant, so train_frozen can cache it once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from retrieval.config import ModelConfig
+from retrieval.outputs import UserError
+
+TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenović et al.): p=1 is average, p->inf is max."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, C)
+        p = self.p.clamp(min=1.0)
+        return maps.clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+class GlobalPool(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:  # (B, C, h, w) -> (B, C)
+        if self.kind == "max":
+            return maps.amax(dim=(2, 3))
+        return maps.mean(dim=(2, 3))
+
+
+class CifarBlock(nn.Module):
+    """Two 3x3 convs; the shortcut subsamples and zero-pads channels (He et al. 2016, option A)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU()
+        self.stride = stride
+        self.extra_channels = out_channels - in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        shortcut = x[:, :, ::self.stride, ::self.stride] if self.stride > 1 else x
+        if self.extra_channels:
+            shortcut = F.pad(shortcut, (0, 0, 0, 0, 0, self.extra_channels))
+        return self.relu(out + shortcut)
+
+
+def cifar_resnet_trunk(n: int) -> nn.Sequential:
+    """The 6n+2-layer ResNet: a 3x3 conv, then 3 groups of n blocks with 32/64/128 filters."""
+    layers: list[tuple[str, nn.Module]] = [
+        ("conv1", nn.Conv2d(3, 32, 3, padding=1, bias=False)), ("bn1", nn.BatchNorm2d(32)),
+        ("relu", nn.ReLU())]
+    channels = 32
+    for group, width in enumerate((32, 64, 128), start=1):
+        blocks = [CifarBlock(channels if i == 0 else width, width,
+                             stride=2 if (i == 0 and group > 1) else 1) for i in range(n)]
+        layers.append((f"layer{group}", nn.Sequential(*blocks)))
+        channels = width
+    return nn.Sequential(OrderedDict(layers))
+
+
+def torchvision_trunk(name: str, weights: str) -> nn.Sequential:
+    builder = getattr(torchvision.models, name)
+    if weights == "imagenet":
+        enum = getattr(torchvision.models, TORCHVISION_WEIGHTS[name])
+        try:
+            network = builder(weights=enum.DEFAULT)
+        except Exception as error:  # URLError, SSL errors, hash mismatch, ...
+            raise UserError(
+                f"ImageNet weights for {name} could not be loaded ({type(error).__name__}). "
+                f"Run once with internet (torchvision caches them in ~/.cache/torch/hub), or "
+                f"download {enum.DEFAULT.url} and set model.weights to that file's path, or set "
+                "model.weights: none to train from random initialisation") from error
+    else:
+        network = builder(weights=None)
+        if weights != "none":
+            _load_backbone_file(network, Path(weights), name)
+    return nn.Sequential(OrderedDict(list(network.named_children())[:-2]))  # drop avgpool and fc
+
+
+def _load_backbone_file(network: nn.Module, path: Path, name: str) -> None:
+    if not path.is_file():
+        raise UserError(f"model.weights file {path} does not exist: give a state_dict path, "
+                        "'imagenet' or 'none'")
+    state = load_checkpoint_file(path)
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    missing, unexpected = network.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("fc.")]
+    if missing or unexpected:
+        raise UserError(f"model.weights file {path} does not hold {name} weights "
+                        f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
+
+
+class EmbeddingNet(nn.Module):
+    def __init__(self, config: ModelConfig, num_classes: int = 0):
+        super().__init__()
+        self.config = config
+        if config.backbone == "cifar_resnet":
+            if config.weights != "none":
+                raise UserError("model.weights must be none for cifar_resnet (it is trained "
+                                "from scratch)")
+            self.trunk = cifar_resnet_trunk(config.cifar_n)
+            channels = 128
+        else:
+            self.trunk = torchvision_trunk(config.backbone, config.weights)
+            channels = 2048 if config.backbone == "resnet50" else 512
+        self.feature_dim = channels
+        self.pool = GeM() if config.pooling == "gem" else GlobalPool(config.pooling)
+        self.head = _build_head(config, channels)
+        self.embedding_dim = channels if config.head == "none" else config.embedding_dim
+        # Only the cross-entropy baseline has a classifier; it reads the un-normalised head output.
+        self.classifier = nn.Linear(self.embedding_dim, num_classes) if num_classes else None
+
+    @property
+    def target_layer(self) -> nn.Module:
+        """The last convolutional block: what Grad-CAM explains."""
+        return [m for name, m in self.trunk.named_children() if name.startswith("layer")][-1]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone descriptor (B, C): the untrained baseline embedding."""
+        return self.pool(self.trunk(images))
+
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.head(pooled)  # (B, D), not normalised
+
+    def forward(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        out = self.project(self.features(images)).float()  # (B, D)
+        return F.normalize(out, dim=1) if normalize else out
+
+    # With a frozen trunk, everything before the first trainable module is a constant function
+    # of the image: for avg/max pooling that is the pooled vector, for GeM (learnable p) the maps.
+    def frozen_features(self, images: torch.Tensor) -> torch.Tensor:
+        maps = self.trunk(images)
+        return maps if isinstance(self.pool, GeM) else self.pool(maps)
+
+    def from_frozen(self, frozen: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        pooled = self.pool(frozen) if isinstance(self.pool, GeM) else frozen
+        out = self.project(pooled).float()
+        return F.normalize(out, dim=1) if normalize else out
+
+    def backbone_stages(self) -> list[tuple[str, nn.Module]]:
+        return list(self.trunk.named_children())
+
+
+def _build_head(config: ModelConfig, channels: int) -> nn.Module:
+    if config.head == "none":
+        return nn.Identity()
+    if config.head == "linear":
+        return nn.Linear(channels, config.embedding_dim)
+    layers: list[nn.Module] = [nn.Linear(channels, config.hidden_dim)]
+    if config.batchnorm:
+        layers.append(nn.BatchNorm1d(config.hidden_dim))
+    layers.append(nn.ReLU())
+    if config.dropout > 0:
+        layers.append(nn.Dropout(config.dropout))
+    layers.append(nn.Linear(config.hidden_dim, config.embedding_dim))
+    return nn.Sequential(*layers)
+
+
+def set_trunk_trainable(model: EmbeddingNet, unfreeze_from: str) -> None:
+    """Freeze the trunk up to (not including) stage `unfreeze_from`; 'all' trains everything."""
+    names = [name for name, _ in model.backbone_stages()]
+    if unfreeze_from != "all" and unfreeze_from not in names:
+        raise UserError(f"train_unfrozen.unfreeze_from is '{unfreeze_from}' but "
+                        f"{model.config.backbone} has stages {names}")
+    trainable = unfreeze_from == "all"
+    for name, module in model.backbone_stages():
+        trainable = trainable or name == unfreeze_from
+        module.requires_grad_(trainable)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: plain dicts of tensors and primitives, loadable with weights_only=True.
+
+def save_checkpoint(path: str | Path, model: EmbeddingNet, extra: dict) -> None:
+    from retrieval.outputs import atomic_path
+
+    state = {"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
+             "num_classes": model.classifier.out_features if model.classifier else 0, **extra}
+    with atomic_path(path) as temp:
+        torch.save(state, temp)
+
+
+def load_checkpoint_file(path: str | Path) -> dict:
+    """torch.load with weights_only=True: a file holding pickled code objects is refused."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"model file {path} does not exist: run `dvc repro` first or pass --model")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0][:160] if str(error).strip() else ""
+        raise UserError(f"refusing to load {path}: not a plain weights file ({first})") from error
+
+
+def load_model(path: str | Path) -> tuple[EmbeddingNet, dict]:
+    checkpoint = load_checkpoint_file(path)
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
+        raise UserError(f"{path} is not a checkpoint written by this project (no model_config)")
+    config = ModelConfig(**{**checkpoint["model_config"], "weights": "none"})
+    model = EmbeddingNet(config, checkpoint.get("num_classes", 0))
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise UserError(f"{path} does not match its own model config: "
+                        f"{str(error).splitlines()[0]}") from error
+    return model.eval(), checkpoint

@@ -1,0 +1,517 @@
+"""The training loop, readable top to bottom (nanoGPT-style): ``fit`` runs the epochs.
+
+What an epoch is depends on the loss:
+    contrastive          a fresh balanced set of pairs (half same-class), resampled each epoch
+    triplet              one triplet per anchor; the negative is mined among the anchor's top-k
+                         nearest other-class neighbours under the current model (or random)
+    inbatch_contrastive  class-balanced batches (P classes x K images), every pair in a batch
+    supcon               the same batches, supervised NT-Xent with a temperature
+    cross_entropy        the same batches, a linear classifier on the head output (baseline)
+
+Where the inputs come from is the Encoder's business: ``FrozenEncoder`` trains the head on
+backbone features computed once (train_frozen); ``ImageEncoder`` runs the whole network on
+augmented crops from the decoded-image cache (train_unfrozen). Every epoch ends with validation
+on fixed pairs, the LR scheduler, early stopping, the best weights kept by validation loss and an
+atomic, resumable checkpoint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from retrieval import losses, metrics, runtime, sampling, transforms
+from retrieval.cache import ImageCache
+from retrieval.config import AugmentConfig, TrainConfig
+from retrieval.embed import run_batched
+from retrieval.models import EmbeddingNet
+from retrieval.outputs import UserError, atomic_path
+
+# Fixed "epochs" for the sampler so validation and train-metric pairs never change.
+_VAL_EPOCH, _TRAIN_EVAL_EPOCH = 1_000_000, 1_000_001
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN/inf: training stops, the best checkpoint so far is kept."""
+
+
+# --- encoders: indices into the split table -> embeddings -------------------------------------
+
+class FrozenEncoder:
+    """The head (and GeM's p) trains on backbone features computed once, in eval mode."""
+
+    def __init__(self, model: EmbeddingNet, features: torch.Tensor, device: torch.device):
+        self.model, self.features, self.device = model, features, device
+
+    def project(self, indices: np.ndarray) -> torch.Tensor:  # (B, D), not normalised
+        return self.model.from_frozen(self.features[indices].to(self.device), normalize=False)
+
+    def eval_project(self, indices: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return self.project(indices).cpu().numpy()
+
+    def set_train(self, training: bool) -> None:
+        self.model.train(training)
+        self.model.trunk.eval()  # frozen: BatchNorm statistics stay ImageNet's / initial
+
+
+class ImageEncoder:
+    """The whole network on crops from the image cache; random augmentation when training."""
+
+    def __init__(self, model: nn.Module, images: ImageCache, image_size: int,
+                 augment: AugmentConfig, device: torch.device, precision: str,
+                 frozen_trunk: bool = False):
+        self.model, self.images, self.image_size = model, images, image_size
+        self.frozen_trunk = frozen_trunk
+        self.device, self.precision = device, precision
+        self.augment = (transforms.train_augment(image_size, augment.crop_scale_min,
+                                                 augment.flip, augment.color_jitter)
+                        if augment.enabled else None)
+        self.crop = transforms.eval_crop(image_size)
+
+    @property
+    def net(self) -> EmbeddingNet:
+        return getattr(self.model, "module", self.model)  # unwrap DistributedDataParallel
+
+    def project(self, indices: np.ndarray) -> torch.Tensor:
+        batch = self.images.batch(indices)  # (B, 3, S, S) uint8
+        if self.augment is not None:
+            batch = torch.stack([self.augment(image) for image in batch])
+        else:
+            batch = self.crop(batch)
+        x = transforms.normalize(runtime.to_device(batch, self.device))
+        with runtime.autocast(self.device, self.precision):
+            # Through the (possibly DDP-wrapped) module's forward, so DDP syncs gradients.
+            return self.model(x.contiguous(memory_format=torch.channels_last), normalize=False)
+
+    def eval_project(self, indices: np.ndarray) -> np.ndarray:
+        net = self.net
+        return run_batched(lambda x: net(x, normalize=False), self.images, indices,
+                           self.image_size, self.device, self.precision)
+
+    def set_train(self, training: bool) -> None:
+        self.model.train(training)
+        if self.frozen_trunk:
+            self.net.trunk.eval()
+
+
+# --- what one epoch iterates over --------------------------------------------------------------
+
+@dataclass
+class EpochWork:
+    kind: str  # "pairs" | "triplets" | "batches"
+    items: list[np.ndarray]  # per step: global indices (pairs: (B, 3), triplets: (B, 3), ...)
+    mined_distances: np.ndarray = field(default_factory=lambda: np.zeros(0))
+
+
+def loss_kind(loss_name: str) -> str:
+    if loss_name in losses.PAIR_LOSSES:
+        return "pairs"
+    if loss_name in losses.TRIPLET_LOSSES:
+        return "triplets"
+    return "batches"
+
+
+def _chunks(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    return [rows[i:i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def epoch_work(cfg: TrainConfig, train_idx: np.ndarray, labels: np.ndarray, seed: int,
+               epoch: int, embed_train: Callable[[], np.ndarray], batch_size: int) -> EpochWork:
+    """This epoch's pairs/triplets/batches, as global indices; deterministic per (seed, epoch)."""
+    train_labels = labels[train_idx]
+    kind = loss_kind(cfg.loss)
+    if kind == "pairs":
+        if cfg.hard_pairs:
+            rows = sampling.sample_hard_pairs(embed_train(), train_labels, cfg.pairs_per_epoch,
+                                              seed, epoch)
+        else:
+            rows = sampling.sample_pairs(train_labels, cfg.pairs_per_epoch, seed, epoch)
+        rows = np.column_stack([train_idx[rows[:, 0]], train_idx[rows[:, 1]], rows[:, 2]])
+        return EpochWork(kind, _chunks(rows, max(1, batch_size // 2)))
+    if kind == "triplets":
+        mined = np.zeros(0)
+        if cfg.negatives == "hard":
+            embeddings = embed_train()
+            negatives = sampling.mine_hard_negatives(embeddings, train_labels, cfg.mining_k,
+                                                     seed, epoch)
+            mined = np.linalg.norm(embeddings - embeddings[negatives], axis=1)
+        else:
+            negatives = sampling.random_negatives(train_labels, seed, epoch)
+        rows = train_idx[sampling.sample_triplets(train_labels, negatives, seed, epoch)]
+        return EpochWork(kind, _chunks(rows, max(1, batch_size // 3)), mined)
+    batches = sampling.class_balanced_batches(train_labels, batch_size, cfg.images_per_class,
+                                              seed, epoch)
+    return EpochWork(kind, [train_idx[b] for b in batches])
+
+
+@dataclass
+class StepStats:
+    """Per-epoch training diagnostics accumulated over steps."""
+
+    losses: list[float] = field(default_factory=list)
+    active: list[float] = field(default_factory=list)
+    positive_distances: list[np.ndarray] = field(default_factory=list)
+    negative_distances: list[np.ndarray] = field(default_factory=list)
+
+    def summary(self) -> dict[str, float]:
+        pos = np.concatenate(self.positive_distances) if self.positive_distances else np.zeros(1)
+        neg = np.concatenate(self.negative_distances) if self.negative_distances else np.zeros(1)
+        return {"train_loss": float(np.mean(self.losses)),
+                "active_fraction": float(np.mean(self.active)) if self.active else math.nan,
+                "mean_positive_distance": float(pos.mean()),
+                "mean_negative_distance": float(neg.mean())}
+
+
+def train_step_loss(kind: str, loss_fn: nn.Module, net: EmbeddingNet, project: Callable,
+                    item: np.ndarray, labels: np.ndarray, stats: StepStats) -> torch.Tensor:
+    """Forward one step's inputs (all images in one batch, for BatchNorm) and return the loss."""
+    if kind == "pairs":
+        z = F.normalize(project(np.concatenate([item[:, 0], item[:, 1]])), dim=1)  # (2B, D)
+        a, b = z.chunk(2)
+        same = torch.as_tensor(item[:, 2], dtype=torch.float32, device=z.device)
+        terms = loss_fn.per_pair(a, b, same)
+        distance = (a - b).norm(dim=1).detach().cpu().numpy()
+        stats.positive_distances.append(distance[item[:, 2] == 1])
+        stats.negative_distances.append(distance[item[:, 2] == 0])
+        stats.active.append(float((terms > 0).float().mean()))
+        return terms.mean()
+    if kind == "triplets":
+        z = F.normalize(project(item.T.reshape(-1)), dim=1)  # (3B, D)
+        a, p, n = z.chunk(3)
+        terms = loss_fn.per_triplet(a, p, n)
+        stats.positive_distances.append((a - p).norm(dim=1).detach().cpu().numpy())
+        stats.negative_distances.append((a - n).norm(dim=1).detach().cpu().numpy())
+        stats.active.append(float((terms > 0).float().mean()))
+        return terms.mean()
+    z = project(item)  # (B, D)
+    y = torch.as_tensor(labels[item], device=z.device)
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        return loss_fn(net.classifier(z), y)
+    return loss_fn(F.normalize(z, dim=1), y)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+@dataclass
+class EvalPairs:
+    """Fixed pairs for validation (and for train-split metrics), as global indices."""
+
+    val: np.ndarray  # (P, 3)
+    train: np.ndarray  # (P, 3)
+
+    @classmethod
+    def build(cls, train_idx: np.ndarray, val_idx: np.ndarray, labels: np.ndarray, n: int,
+              seed: int) -> EvalPairs:
+        def pairs(idx: np.ndarray, epoch: int) -> np.ndarray:
+            rows = sampling.sample_pairs(labels[idx], n, seed, epoch)
+            return np.column_stack([idx[rows[:, 0]], idx[rows[:, 1]], rows[:, 2]])
+
+        return cls(pairs(val_idx, _VAL_EPOCH), pairs(train_idx, _TRAIN_EVAL_EPOCH))
+
+
+def pair_distances(z: dict[int, np.ndarray], pairs: np.ndarray) -> np.ndarray:
+    a = np.stack([z[i] for i in pairs[:, 0]])
+    b = np.stack([z[j] for j in pairs[:, 1]])
+    a /= np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
+    b /= np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
+    return np.linalg.norm(a - b, axis=1)
+
+
+def validation_loss(kind: str, loss_fn: nn.Module, net: EmbeddingNet, z_val: np.ndarray,
+                    val_idx: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: int,
+                    val_pairs: np.ndarray, position: dict[int, int]) -> float:
+    """The training loss on fixed validation inputs built the way training builds them."""
+    z = torch.from_numpy(z_val)
+    with torch.no_grad():
+        if kind == "pairs":
+            a = F.normalize(z[[position[i] for i in val_pairs[:, 0]]], dim=1)
+            b = F.normalize(z[[position[j] for j in val_pairs[:, 1]]], dim=1)
+            return float(loss_fn(a, b, torch.as_tensor(val_pairs[:, 2], dtype=torch.float32)))
+        val_labels = labels[val_idx]
+        if kind == "triplets":
+            negatives = sampling.random_negatives(val_labels, seed, _VAL_EPOCH)
+            rows = sampling.sample_triplets(val_labels, negatives, seed, _VAL_EPOCH)
+            e = F.normalize(z, dim=1)
+            return float(loss_fn(e[rows[:, 0]], e[rows[:, 1]], e[rows[:, 2]]))
+        y = torch.as_tensor(val_labels)
+        if isinstance(loss_fn, nn.CrossEntropyLoss):
+            return float(loss_fn(net.classifier.cpu()(z), y)) if net.classifier else math.nan
+        return float(loss_fn(F.normalize(z, dim=1), y))
+
+
+def pair_metrics(distances: np.ndarray, same: np.ndarray, threshold: float) -> dict[str, float]:
+    scores = metrics.verification_scores(same, (distances <= threshold).astype(int))
+    return {k: scores[k] for k in ("accuracy", "precision", "recall", "f1")}
+
+
+# --- checkpoints -----------------------------------------------------------------------------
+
+def fingerprint(*parts: object) -> str:
+    """Identifies a training configuration (params + data) for resuming."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def save_resume_state(path: Path, state: dict) -> None:
+    with atomic_path(path) as temp:
+        torch.save(state, temp)
+
+
+def load_resume_state(path: Path, expected_fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # unreadable (e.g. written by another version): start over
+    return state if state.get("fingerprint") == expected_fingerprint else None
+
+
+# --- the loop --------------------------------------------------------------------------------
+
+@dataclass
+class FitResult:
+    history: pd.DataFrame
+    best_epoch: int
+    best_val_loss: float
+    best_state: dict
+    threshold: float
+    stopped: str  # "epochs" | "early_stopping"
+    train_seconds: float
+    images_seen: int
+    resumed_from_epoch: int = 0
+
+
+def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
+        optimizer: torch.optim.Optimizer, train_idx: np.ndarray, val_idx: np.ndarray,
+        labels: np.ndarray, cfg: TrainConfig, epochs: int, seed: int, resume_path: Path,
+        run_fingerprint: str, on_epoch: Callable[[int, dict], None] | None = None,
+        save_best: Callable[[dict, int, dict], None] | None = None) -> FitResult:
+    loss_fn = losses.build_loss(cfg.loss, cfg.margin, cfg.temperature)
+    kind = loss_kind(cfg.loss)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
+    eval_pairs = EvalPairs.build(train_idx, val_idx, labels, cfg.val_pairs, seed)
+    val_position = {int(i): p for p, i in enumerate(val_idx)}
+    train_eval_images = np.unique(eval_pairs.train[:, :2])
+    batch_size = cfg.batch_size
+
+    history: list[dict] = []
+    best = {"loss": math.inf, "epoch": 0, "state": None, "threshold": 1.0}
+    bad_epochs, start_epoch, images_seen, seconds = 0, 1, 0, 0.0
+    resumed = load_resume_state(resume_path, run_fingerprint)
+    if resumed is not None:
+        net.load_state_dict(resumed["model"])
+        optimizer.load_state_dict(resumed["optimizer"])
+        scheduler.load_state_dict(resumed["scheduler"])
+        history, best = resumed["history"], resumed["best"]
+        bad_epochs, images_seen = resumed["bad_epochs"], resumed["images_seen"]
+        seconds, start_epoch = resumed["seconds"], resumed["epoch"] + 1
+        print(f"resuming from the checkpoint of epoch {resumed['epoch']} ({resume_path})")
+
+    def validate() -> dict[str, float]:
+        encoder.set_train(False)
+        z_val = encoder.eval_project(val_idx)
+        val_loss = validation_loss(kind, loss_fn, net, z_val, val_idx, labels, cfg, seed,
+                                   eval_pairs.val, val_position)
+        val_d = pair_distances(dict(zip(val_idx.tolist(), z_val, strict=True)), eval_pairs.val)
+        threshold = metrics.choose_threshold(val_d, eval_pairs.val[:, 2],
+                                             cfg.threshold_criterion)
+        z_train = dict(zip(train_eval_images.tolist(),
+                           encoder.eval_project(train_eval_images), strict=True))
+        train_d = pair_distances(z_train, eval_pairs.train)
+        return {"val_loss": val_loss, "threshold": threshold,
+                "mean_val_pairwise_distance": _mean_pairwise_distance(z_val),
+                **{f"train_{k}": v for k, v in
+                   pair_metrics(train_d, eval_pairs.train[:, 2], threshold).items()},
+                **{f"val_{k}": v for k, v in
+                   pair_metrics(val_d, eval_pairs.val[:, 2], threshold).items()}}
+
+    if not history:  # epoch 0: the model before this stage trains; also the first "best"
+        row = {"epoch": 0, **validate(), "lr": optimizer.param_groups[0]["lr"]}
+        history.append(row)
+        best = {"loss": row["val_loss"], "epoch": 0, "threshold": row["threshold"],
+                "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+
+    stopped = "epochs"
+    progress = tqdm(range(start_epoch, epochs + 1), desc="epochs", unit="epoch",
+                    disable=not runtime.is_main_process(), initial=start_epoch - 1, total=epochs)
+    for epoch in progress:
+        if bad_epochs >= cfg.early_stopping_patience:
+            stopped = "early_stopping"
+            break
+        started = time.perf_counter()
+        # Dropout and augmentation draw from torch's RNG: seed it per epoch so a resumed run
+        # continues exactly like an uninterrupted one.
+        torch.manual_seed(seed * 100_003 + epoch)
+        encoder.set_train(False)
+        work = epoch_work(cfg, train_idx, labels, seed, epoch,  # miners see normalised vectors
+                          lambda: _normalized(encoder.eval_project(train_idx)), batch_size)
+        # DDP: every rank takes every world_size-th step; equal counts or the all-reduce hangs.
+        world = runtime.world_size()
+        items = work.items[:len(work.items) // world * world][runtime.rank()::world]
+        encoder.set_train(True)
+        stats = StepStats()
+        for item in tqdm(items, desc=f"epoch {epoch}", unit="step", leave=False,
+                         disable=not runtime.is_main_process()):
+            loss = train_step_loss(kind, loss_fn, net, encoder.project, item, labels, stats)
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"non-finite training loss ({loss.item()}) at epoch {epoch}: lower lr "
+                    f"(now {optimizer.param_groups[0]['lr']:g}) or check the data; the best "
+                    f"checkpoint so far (epoch {best['epoch']}) is kept")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            stats.losses.append(loss.item())
+            images_seen += item.size
+        train_seconds = time.perf_counter() - started
+
+        # Validation: every rank computes the same numbers, so decisions stay in sync.
+        lr_now = optimizer.param_groups[0]["lr"]
+        row = {"epoch": epoch, **stats.summary(), **validate(), "lr": lr_now,
+               "epoch_seconds": time.perf_counter() - started}
+        row.update(_collapse_diagnostics(row["mean_val_pairwise_distance"], stats, cfg))
+        val_loss, threshold = row["val_loss"], row["threshold"]
+        if len(work.mined_distances):
+            for q in (10, 50, 90):
+                row[f"mined_negative_distance_p{q}"] = float(
+                    np.percentile(work.mined_distances, q))
+        if not math.isfinite(val_loss):
+            raise NonFiniteLossError(f"non-finite validation loss at epoch {epoch}: lower lr; "
+                                     f"the best checkpoint (epoch {best['epoch']}) is kept")
+        history.append(row)
+        seconds += train_seconds
+
+        if val_loss < best["loss"] - 1e-6:
+            best = {"loss": val_loss, "epoch": epoch, "threshold": threshold,
+                    "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+            bad_epochs = 0
+            if save_best is not None and runtime.is_main_process():
+                save_best(best["state"], epoch, row)
+        else:
+            bad_epochs += 1
+        scheduler.step(val_loss)
+        if on_epoch is not None and runtime.is_main_process():
+            on_epoch(epoch, row)
+        if row["collapse_alarm"]:
+            tqdm.write(f"warning: epoch {epoch}: embeddings look collapsed (mean val distance "
+                       f"{row['mean_val_pairwise_distance']:.3g}); consider a lower lr")
+        progress.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{val_loss:.4f}",
+                             acc=f"{row['val_accuracy']:.3f}")
+        if runtime.is_main_process():
+            save_resume_state(resume_path, {
+                "fingerprint": run_fingerprint, "epoch": epoch, "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "history": history, "best": best, "bad_epochs": bad_epochs,
+                "images_seen": images_seen, "seconds": seconds})
+        runtime.barrier()
+
+    if runtime.is_main_process():
+        resume_path.unlink(missing_ok=True)  # finished: a re-run trains afresh
+    return FitResult(pd.DataFrame(history), best["epoch"], best["loss"], best["state"],
+                     best["threshold"], stopped, seconds, images_seen,
+                     resumed["epoch"] if resumed else 0)
+
+
+def _normalized(z: np.ndarray) -> np.ndarray:
+    return (z / np.linalg.norm(z, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
+
+
+def _mean_pairwise_distance(z: np.ndarray) -> float:
+    """Root mean squared pairwise distance of the normalised embeddings, without N x N."""
+    centred = _normalized(z) - _normalized(z).mean(axis=0)
+    # Mean pairwise squared distance = 2 * mean squared distance to the centroid.
+    return float(np.sqrt(2 * (centred**2).sum(axis=1).mean()))
+
+
+def _collapse_diagnostics(mean_pairwise: float, stats: StepStats,
+                          cfg: TrainConfig) -> dict[str, float]:
+    """Collapse alarm: all embeddings at one point, or the loss pinned at its collapsed value."""
+    collapsed_loss = cfg.margin**2 / 4 if cfg.loss == "contrastive" else math.nan
+    stuck = math.isfinite(collapsed_loss) and abs(np.mean(stats.losses) - collapsed_loss) < 1e-4
+    return {"collapse_alarm": float(mean_pairwise < 0.05 or stuck)}
+
+
+def build_optimizer(net: EmbeddingNet, name: str, lr: float, weight_decay: float,
+                    momentum: float, backbone_lr_mult: float = 1.0) -> torch.optim.Optimizer:
+    """Head (and pooling, classifier) at lr; trainable backbone parameters at lr * mult."""
+    backbone = [p for p in net.trunk.parameters() if p.requires_grad]
+    trunk_ids = {id(p) for p in net.trunk.parameters()}
+    rest = [p for p in net.parameters() if p.requires_grad and id(p) not in trunk_ids]
+    groups = [{"params": rest, "lr": lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": lr * backbone_lr_mult})
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+
+
+# --- setting up a training stage ---------------------------------------------------------------
+
+@dataclass
+class TrainingData:
+    labels: np.ndarray  # (N,) int class ids for every row of the split table
+    classes: list[str]
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+
+    @classmethod
+    def from_table(cls, table: pd.DataFrame) -> TrainingData:
+        classes = sorted(table["label"].unique())
+        labels = table["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(np.int64)
+        split = table["split"].to_numpy()
+        return cls(labels, classes, np.flatnonzero(split == "train"),
+                   np.flatnonzero(split == "val"))
+
+
+def frozen_features(net: EmbeddingNet, images: ImageCache, indices: np.ndarray,
+                    image_size: int, device: torch.device, precision: str) -> np.ndarray:
+    """What a frozen trunk gives for these images (pooled vectors, or maps for GeM)."""
+    net.eval()
+    return run_batched(net.frozen_features, images, indices, image_size, device, precision,
+                       desc="backbone features (once)")
+
+
+def write_history(history: pd.DataFrame, csv_path: Path, figure_path: Path, title: str) -> None:
+    from retrieval import outputs
+    from retrieval.plots import training as training_plots
+
+    outputs.write_csv(csv_path, history)
+    outputs.save_figure(training_plots.training_curves(history, title), figure_path)
+
+
+def summary_metrics(result: FitResult) -> dict[str, float]:
+    """The stage's metrics JSON: best epoch, its validation numbers, time and throughput."""
+    history = result.history.set_index("epoch")
+    best = history.loc[result.best_epoch]
+    before = history.loc[history.index.min()]
+    return {"best_epoch": result.best_epoch, "best_val_loss": result.best_val_loss,
+            "epochs_run": int(history.index.max()), "stopped": result.stopped,
+            "val_accuracy": best["val_accuracy"], "val_f1": best["val_f1"],
+            "val_precision": best["val_precision"], "val_recall": best["val_recall"],
+            "val_accuracy_before": before["val_accuracy"], "val_f1_before": before["val_f1"],
+            "threshold": result.threshold, "lr_reductions": int(
+                (history["lr"].diff().fillna(0) < 0).sum())}
+
+
+def timing_metrics(result: FitResult) -> dict[str, float]:
+    """Wall-clock numbers, kept apart from the metrics so those stay identical across runs."""
+    epochs = result.history["epoch_seconds"].dropna() if "epoch_seconds" in result.history \
+        else pd.Series(dtype=float)
+    return {"train_seconds": result.train_seconds,
+            "seconds_per_epoch": float(epochs.mean()) if len(epochs) else math.nan,
+            "images_per_second": result.images_seen / max(result.train_seconds, 1e-9),
+            "resumed_from_epoch": result.resumed_from_epoch}

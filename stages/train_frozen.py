@@ -1,0 +1,80 @@
+"""train_frozen: train the embedding head on a frozen backbone.
+
+Backbone features of the train and val images are computed once (content-addressed cache shared
+by every experiment), so an epoch costs seconds. With augmentation on, the frozen backbone runs on
+every augmented view instead (slower, no cache; see README).
+
+Reads:  params seed, lr, precision, device, data.image_size, model, train, train_frozen;
+        data/split.csv, data/prepared
+Writes: models/train_frozen/best.pt, plots/train_frozen/{history.csv,curves.png},
+        metrics/train_frozen.json, metrics/timing/train_frozen.json
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from retrieval import cache, config, data, models, outputs, runtime, tracking, training, workspace
+
+STAGE = "train_frozen"
+OUT, PLOTS = Path("models") / STAGE, Path("plots") / STAGE
+
+
+def main() -> None:
+    params = config.load_params()
+    t, size = params.train, params.data.image_size
+    table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
+    split = training.TrainingData.from_table(table)
+    device = runtime.resolve_device(params.device)
+    torch.manual_seed(params.seed)  # the head's (and a weights: none trunk's) initialisation
+    net = runtime.prepare_model(models.EmbeddingNet(
+        params.model, len(split.classes) if t.loss == "cross_entropy" else 0), device)
+    net.trunk.requires_grad_(False)
+    keys = ("seed", "lr", "precision", "data", "model", "train", STAGE)
+    with tracking.stage_run(STAGE, config.select(params, keys),
+                            config.flatten(config.to_dict(params))) as run:
+        images = cache.images_for(table["file"].tolist(), size)
+        if params.train_frozen.augment.enabled:
+            encoder = training.ImageEncoder(net, images, size, params.train_frozen.augment,
+                                            device, params.precision, frozen_trunk=True)
+        else:
+            needed = np.concatenate([split.train_idx, split.val_idx])
+            key = training.fingerprint(images.key, params.model, size, params.seed,
+                                       params.precision)
+            features = cache.array_for(
+                f"features-{key}",
+                lambda: training.frozen_features(net, images, needed, size, device,
+                                                 params.precision))
+            full = torch.zeros((len(table), *features.shape[1:]))
+            full[needed] = torch.from_numpy(features)
+            encoder = training.FrozenEncoder(net, full, device)
+        optimizer = training.build_optimizer(net, t.optimizer, params.lr, t.weight_decay,
+                                             t.momentum)
+        run_id = training.fingerprint(config.select(params, keys), images.key)
+        result = training.fit(
+            net, encoder, optimizer, split.train_idx, split.val_idx, split.labels, t,
+            params.train_frozen.epochs, params.seed,
+            workspace.cache_dir() / "resume" / f"{STAGE}-{run_id}.pt", run_id,
+            on_epoch=lambda epoch, row: run.log_metrics(row, step=epoch),
+            save_best=lambda state, epoch, row: models.save_checkpoint(
+                OUT / "best.pt", net, {"epoch": epoch, "metrics": row, "stage": STAGE,
+                                       "classes": split.classes, "image_size": size}))
+        net.load_state_dict(result.best_state)
+        models.save_checkpoint(OUT / "best.pt", net, {
+            "epoch": result.best_epoch, "stage": STAGE, "threshold": result.threshold,
+            "classes": split.classes, "image_size": size})
+        training.write_history(result.history, PLOTS / "history.csv", PLOTS / "curves.png",
+                               f"{STAGE}: {t.loss} loss, backbone frozen")
+        summary = {**training.summary_metrics(result),
+                   "pretrained_weights": params.model.weights != "none"}
+        outputs.write_json(f"metrics/{STAGE}.json", summary)
+        outputs.write_json(f"metrics/timing/{STAGE}.json", training.timing_metrics(result))
+        run.log_metrics(summary, to_parent=True)
+        run.log_metrics(training.timing_metrics(result))
+        run.set_tags({"pretrained_weights": params.model.weights != "none"})
+        run.log_artifact(PLOTS)
+
+
+if __name__ == "__main__":
+    outputs.run_main(main)

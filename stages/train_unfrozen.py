@@ -1,0 +1,78 @@
+"""train_unfrozen: fine-tune the whole network (or its last stages) end to end.
+
+Starts from the best train_frozen model (train_unfrozen.init: frozen) or from scratch, with the
+backbone at lr * backbone_lr_mult, augmentation on cached uint8 images, bf16 autocast and
+channels_last where supported. `torchrun --nproc_per_node=N stages/train_unfrozen.py` runs
+DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 logs and writes checkpoints.
+
+Reads:  params seed, lr, precision, device, data.image_size, model, train, train_unfrozen;
+        data/split.csv, data/prepared, models/train_frozen/best.pt
+Writes: models/train_unfrozen/best.pt, plots/train_unfrozen/{history.csv,curves.png},
+        metrics/train_unfrozen.json, metrics/timing/train_unfrozen.json
+"""
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from retrieval import cache, config, data, models, outputs, runtime, tracking, training, workspace
+
+STAGE = "train_unfrozen"
+OUT, PLOTS = Path("models") / STAGE, Path("plots") / STAGE
+
+
+def main() -> None:
+    params = config.load_params()
+    t, u, size = params.train, params.train_unfrozen, params.data.image_size
+    table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
+    split = training.TrainingData.from_table(table)
+    device = runtime.resolve_device(params.device)
+    runtime.init_distributed(device)
+    torch.manual_seed(params.seed)
+    if u.init == "frozen":
+        net, _ = models.load_model("models/train_frozen/best.pt")
+    else:
+        net = models.EmbeddingNet(params.model,
+                                  len(split.classes) if t.loss == "cross_entropy" else 0)
+    models.set_trunk_trainable(net, u.unfreeze_from)
+    net = runtime.prepare_model(net, device)
+    model = (torch.nn.parallel.DistributedDataParallel(net) if runtime.world_size() > 1
+             else net)
+    keys = ("seed", "lr", "precision", "data", "model", "train", STAGE)
+    tracked = (tracking.stage_run(STAGE, config.select(params, keys),
+                                  config.flatten(config.to_dict(params)))
+               if runtime.is_main_process() else contextlib.nullcontext())
+    with tracked as run:
+        images = cache.images_for(table["file"].tolist(), size,
+                                  progress=runtime.is_main_process())
+        encoder = training.ImageEncoder(model, images, size, u.augment, device, params.precision)
+        optimizer = training.build_optimizer(net, t.optimizer, params.lr, t.weight_decay,
+                                             t.momentum, u.backbone_lr_mult)
+        run_id = training.fingerprint(config.select(params, keys), images.key,
+                                      runtime.world_size())
+        result = training.fit(
+            net, encoder, optimizer, split.train_idx, split.val_idx, split.labels, t, u.epochs,
+            params.seed, workspace.cache_dir() / "resume" / f"{STAGE}-{run_id}.pt", run_id,
+            on_epoch=lambda epoch, row: run.log_metrics(row, step=epoch),
+            save_best=lambda state, epoch, row: models.save_checkpoint(
+                OUT / "best.pt", net, {"epoch": epoch, "metrics": row, "stage": STAGE,
+                                       "classes": split.classes, "image_size": size}))
+        if runtime.is_main_process():
+            net.load_state_dict(result.best_state)
+            models.save_checkpoint(OUT / "best.pt", net, {
+                "epoch": result.best_epoch, "stage": STAGE, "threshold": result.threshold,
+                "classes": split.classes, "image_size": size})
+            training.write_history(result.history, PLOTS / "history.csv", PLOTS / "curves.png",
+                                   f"{STAGE}: {t.loss} loss, backbone from {u.unfreeze_from}")
+            summary = training.summary_metrics(result)
+            outputs.write_json(f"metrics/{STAGE}.json", summary)
+            outputs.write_json(f"metrics/timing/{STAGE}.json", training.timing_metrics(result))
+            run.log_metrics(summary, to_parent=True)
+            run.log_metrics(training.timing_metrics(result))
+            run.log_artifact(PLOTS)
+    runtime.shutdown_distributed()
+
+
+if __name__ == "__main__":
+    outputs.run_main(main)
