@@ -56,7 +56,7 @@ MIN_CLASSES, MAX_CLASSES = 2, len(_CLASSES)
 MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 512
 
 # The object covers 5-22% of the image (log-uniform), whatever its shape: its area is no cue.
-_AREA_FRACTION = (0.05, 0.22)
+_AREA_FRACTION = (0.15, 0.4)  # object area / image area: large enough to learn from scratch
 _MIN_CONTRAST = 80.0  # RGB distance between each object colour and the background under it
 _MIN_PATTERN_CONTRAST = 60.0  # luminance gap between a pattern's two colours: visible in grey too
 _NOISE_SIGMA = 4.0

@@ -1,0 +1,87 @@
+"""End to end: the real `dvc repro` / `dvc exp run` on a tiny generated sample."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+
+import pytest
+import yaml
+
+from tests.conftest import run
+
+pytestmark = pytest.mark.e2e
+
+
+def stages_of(repo) -> dict:
+    return yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+
+
+def test_repro_runs_every_stage_and_writes_its_metrics(pipeline_repo):
+    log = (pipeline_repo / ".first_repro.log").read_text()
+    for name, stage in stages_of(pipeline_repo).items():
+        assert f"Running stage '{name}'" in log
+        for entry in stage.get("metrics", []):
+            path = next(iter(entry)) if isinstance(entry, dict) else entry
+            metrics = json.loads((pipeline_repo / path).read_text())
+            assert metrics, f"{path} is empty"
+    assert run(["dvc", "status"], cwd=pipeline_repo).stdout.strip().endswith(
+        "Data and pipelines are up to date.")
+
+
+def test_data_stages_outputs(pipeline_repo):
+    prepare = json.loads((pipeline_repo / "metrics/prepare.json").read_text())
+    assert prepare["images"] == 4 * 14 and prepare["classes"] == 4
+    assert prepare["images_with_mask"] == prepare["images"]
+    split = (pipeline_repo / "data/split.csv").read_text().splitlines()
+    assert split[0] == "path,label,split,mask_path" and len(split) == 1 + 4 * 14
+    norm = json.loads((pipeline_repo / "metrics/verify_normalization.json").read_text())
+    assert all(abs(norm[f"normalized_mean_{c}"]) < 0.5 for c in "rgb")
+
+
+def test_training_writes_loadable_checkpoints_and_curves(pipeline_repo):
+    from retrieval import models
+
+    for stage in ("train_frozen", "train_unfrozen"):
+        net, checkpoint = models.load_model(pipeline_repo / "models" / stage / "best.pt")
+        assert checkpoint["stage"] == stage and 0 < checkpoint["threshold"] <= 2
+        history = (pipeline_repo / "plots" / stage / "history.csv").read_text().splitlines()
+        assert history[0].startswith("epoch,") and len(history) == 1 + 1 + 2  # epochs 0..2
+        metrics = json.loads((pipeline_repo / "metrics" / f"{stage}.json").read_text())
+        assert 0 <= metrics["best_epoch"] <= 2
+
+
+def test_second_repro_runs_nothing(pipeline_repo):
+    result = run(["dvc", "repro"], cwd=pipeline_repo)
+    assert "Running stage" not in result.stdout, result.stdout
+
+
+def test_every_stage_is_an_mlflow_run_grouped_under_one_parent(pipeline_repo):
+    db = sqlite3.connect(pipeline_repo / "mlruns" / "mlflow.db")
+    tags = db.execute("select run_uuid, key, value from tags").fetchall()
+    by_run: dict[str, dict[str, str]] = {}
+    for run_id, key, value in tags:
+        by_run.setdefault(run_id, {})[key] = value
+    parents = [t for t in by_run.values() if t.get("pipeline.parent") == "true"]
+    children = {t["stage"]: t for t in by_run.values() if "stage" in t}
+    assert set(stages_of(pipeline_repo)) <= set(children)
+    first_group = children["prepare"]["pipeline.group"]
+    assert any(p["pipeline.group"] == first_group for p in parents)
+    assert all(len(t["git_commit"]) == 40 for t in children.values())
+    assert all(t.get("mlflow.parentRunId") for t in children.values())
+    logged = db.execute("select count(*) from metrics").fetchone()[0]
+    assert logged > 20
+
+
+def test_exp_run_with_lr_retrains_and_lands_in_the_project_store(pipeline_repo):
+    result = run(["dvc", "exp", "run", "-S", "lr=0.003", "-n", "lr-3e-3"], cwd=pipeline_repo)
+    assert "Stage 'prepare' didn't change" in result.stdout or \
+        "'prepare' didn't change" in result.stdout
+    assert "Running stage 'train_frozen'" in result.stdout
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], cwd=pipeline_repo).stdout)
+    text = json.dumps(shown)
+    assert "lr-3e-3" in text and "0.003" in text
+    db = sqlite3.connect(pipeline_repo / "mlruns" / "mlflow.db")
+    experiments = {v for (v,) in db.execute(
+        "select value from tags where key = 'dvc_experiment'").fetchall()}
+    assert "lr-3e-3" in experiments
