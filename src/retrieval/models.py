@@ -117,7 +117,11 @@ def _load_backbone_file(network: nn.Module, path: Path, name: str) -> None:
     state = load_checkpoint_file(path)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    missing, unexpected = network.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = network.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # same names, different shapes
+        raise UserError(f"model.weights file {path} does not hold {name} weights "
+                        f"({' '.join(str(error).split())[:160]})") from error
     missing = [k for k in missing if not k.startswith("fc.")]
     if missing or unexpected:
         raise UserError(f"model.weights file {path} does not hold {name} weights "

@@ -324,6 +324,10 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
     def validate() -> dict[str, float]:
         encoder.set_train(False)
         z_val = encoder.eval_project(val_idx)
+        if not np.isfinite(z_val).all():
+            raise NonFiniteLossError(
+                "non-finite (NaN/inf) embeddings: lower lr or check the input data; the "
+                f"best checkpoint so far (epoch {best['epoch']}) is kept")
         val_loss = validation_loss(kind, loss_fn, net, z_val, val_idx, labels, cfg, seed,
                                    eval_pairs.val, val_position)
         val_d = pair_distances(dict(zip(val_idx.tolist(), z_val, strict=True)), eval_pairs.val)

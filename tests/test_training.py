@@ -1,0 +1,115 @@
+"""The training loop on small in-memory problems: it learns, it resumes, it stops on NaN."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from retrieval import config, models, training
+from retrieval.cache import ImageCache
+
+
+def colour_classes(n: int = 160, classes: int = 4, side: int = 37, seed: int = 0):
+    """Images whose class is their mean colour: separable, so training must solve it."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % classes
+    colours = rng.integers(30, 225, size=(classes, 3))
+    noise = rng.normal(0, 30, size=(n, 3, side, side))
+    images = (colours[labels][:, :, None, None] + noise).clip(0, 255).astype(np.uint8)
+    order = rng.permutation(n)
+    return ImageCache(images), labels, np.sort(order[: n * 3 // 4]), np.sort(order[n * 3 // 4:])
+
+
+def fit_tiny(tmp_path, loss="contrastive", epochs=3, resume_name="r.pt", **train):
+    torch.manual_seed(0)
+    images, labels, train_idx, val_idx = colour_classes()
+    net = models.EmbeddingNet(config.ModelConfig(backbone="cifar_resnet", cifar_n=1,
+                                                 hidden_dim=16, embedding_dim=8),
+                              num_classes=4 if loss == "cross_entropy" else 0)
+    encoder = training.ImageEncoder(net, images, 32, config.AugmentConfig(enabled=False),
+                                    torch.device("cpu"), "fp32")
+    cfg = config.TrainConfig(loss=loss, pairs_per_epoch=128, val_pairs=60, batch_size=16,
+                             threshold_criterion="accuracy", **train)
+    optimizer = training.build_optimizer(net, "adam", 3e-3, 0.0, 0.9)
+    return training.fit(net, encoder, optimizer, train_idx, val_idx, labels, cfg, epochs, 0,
+                        tmp_path / resume_name, "fingerprint"), net
+
+
+@pytest.mark.parametrize("loss", ["contrastive", "triplet", "supcon", "inbatch_contrastive",
+                                  "cross_entropy"])
+def test_every_loss_trains_end_to_end(tmp_path, loss):
+    result, _ = fit_tiny(tmp_path, loss=loss, epochs=2)
+    history = result.history.set_index("epoch")
+    assert result.best_epoch > 0  # training improved on the untrained model (epoch 0)
+    assert history.loc[result.best_epoch, "val_loss"] < history.loc[0, "val_loss"]
+    assert history.loc[result.best_epoch, "val_accuracy"] >= 0.8
+    assert not (tmp_path / "r.pt").exists()  # finished: the resume state is removed
+
+
+def test_history_has_the_per_epoch_columns_dvc_plots_reads(tmp_path):
+    result, _ = fit_tiny(tmp_path, epochs=2)
+    for column in ("epoch", "train_loss", "val_loss", "train_accuracy", "val_accuracy",
+                   "train_precision", "val_recall", "val_f1", "lr", "active_fraction",
+                   "mean_positive_distance", "mean_negative_distance", "collapse_alarm"):
+        assert column in result.history
+    assert list(result.history["epoch"]) == [0, 1, 2]
+
+
+def test_hard_negative_mining_records_mined_distances(tmp_path):
+    result, _ = fit_tiny(tmp_path, loss="triplet", epochs=1, negatives="hard", mining_k=5)
+    assert "mined_negative_distance_p50" in result.history
+
+
+def test_resuming_after_an_interruption_gives_the_same_result(tmp_path):
+    straight, _ = fit_tiny(tmp_path, epochs=3, resume_name="a.pt")
+
+    calls = {"n": 0}
+    original = training.save_resume_state
+
+    def crash_after_first_epoch(path, state):
+        original(path, state)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    training.save_resume_state = crash_after_first_epoch
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            fit_tiny(tmp_path, epochs=3, resume_name="b.pt")
+    finally:
+        training.save_resume_state = original
+    assert (tmp_path / "b.pt").exists()
+    resumed, _ = fit_tiny(tmp_path, epochs=3, resume_name="b.pt")
+    assert resumed.resumed_from_epoch == 1
+    cols = ["val_loss", "val_accuracy", "train_loss"]
+    np.testing.assert_allclose(resumed.history[cols].to_numpy(dtype=float),
+                               straight.history[cols].to_numpy(dtype=float), rtol=1e-5)
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    images, labels, train_idx, val_idx = colour_classes()
+    net = models.EmbeddingNet(config.ModelConfig(backbone="cifar_resnet", cifar_n=1,
+                                                 hidden_dim=16, embedding_dim=8))
+    encoder = training.ImageEncoder(net, images, 32, config.AugmentConfig(enabled=False),
+                                    torch.device("cpu"), "fp32")
+    with torch.no_grad():
+        net.head[0].weight.fill_(float("nan"))
+    cfg = config.TrainConfig(pairs_per_epoch=32, val_pairs=20, batch_size=16)
+    optimizer = training.build_optimizer(net, "adam", 1e-3, 0.0, 0.9)
+    with pytest.raises(training.NonFiniteLossError, match="non-finite"):
+        training.fit(net, encoder, optimizer, train_idx, val_idx, labels, cfg, 2, 0,
+                     tmp_path / "n.pt", "f")
+
+
+def test_frozen_feature_cache_equals_fresh_backbone_features():
+    torch.manual_seed(0)
+    images, labels, train_idx, _ = colour_classes(n=24)
+    net = models.EmbeddingNet(config.ModelConfig(backbone="cifar_resnet", cifar_n=1)).eval()
+    cached = training.frozen_features(net, images, train_idx, 32, torch.device("cpu"), "fp32")
+    from retrieval import transforms
+
+    with torch.no_grad():
+        fresh = net.features(transforms.normalize(
+            transforms.eval_crop(32)(images.batch(train_idx))))
+    np.testing.assert_allclose(cached, fresh.numpy(), rtol=1e-5, atol=1e-5)
