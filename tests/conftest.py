@@ -57,10 +57,18 @@ def run(cmd: list[str] | str, cwd: Path, check: bool = True, timeout: int = 900,
     return result
 
 
+OUTPUT_DIRS = ("data/", "models/", "metrics/", "plots/", "report/", "mlruns/", "bench/results/")
+
+
 def _tracked_files() -> list[str]:
-    out = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if (REPO / line).is_file()]
+    """Committed files plus new, not-ignored source files; never pipeline outputs."""
+    def git(*args: str) -> list[str]:
+        out = subprocess.run(["git", "ls-files", *args], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout
+        return out.splitlines()
+
+    new = [f for f in git("--others", "--exclude-standard") if not f.startswith(OUTPUT_DIRS)]
+    return [f for f in sorted(set(git("--cached")) | set(new)) if (REPO / f).is_file()]
 
 
 @pytest.fixture(scope="session")
