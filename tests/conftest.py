@@ -49,6 +49,11 @@ def run(cmd: list[str] | str, cwd: Path, check: bool = True, timeout: int = 900,
                 "OMP_WAIT_POLICY": "PASSIVE", "MLFLOW_TRACKING_URI": "", **(env or {})}
     full_env.pop("MLFLOW_TRACKING_URI")
     full_env.pop("DVC_ROOT", None)
+    # `dvc exp run` commits inside the temporary repo: give git an identity on bare machines.
+    for variable in ("GIT_AUTHOR_NAME", "GIT_COMMITTER_NAME"):
+        full_env.setdefault(variable, "retrieval tests")
+    for variable in ("GIT_AUTHOR_EMAIL", "GIT_COMMITTER_EMAIL"):
+        full_env.setdefault(variable, "tests@localhost")
     result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                             env=full_env, shell=isinstance(cmd, str))
     if check and result.returncode != 0:
