@@ -1,0 +1,315 @@
+"""The `retrieval` command (also `python -m retrieval`): the trained model on your own images.
+
+    retrieval compare IMAGE_A IMAGE_B [--model PATH] [--output compare.png | --show]
+        distance, similarity and the same/different decision at the checkpoint's threshold
+    retrieval search IMAGE [--k 8] [--model PATH] [--index data/index/gallery.faiss]
+                     [--output search.png | --show]
+        the k most similar gallery images, from the index that `dvc repro evaluate` saves
+    retrieval segment ...
+        saliency segmentation (provided by retrieval.segmentation when it is installed)
+
+Run from the repository root (the default paths are relative to it). A missing file, a file that
+is not an image or an unreadable model file ends with a one-line error and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from retrieval import outputs
+from retrieval.outputs import UserError
+
+# torch, FAISS and matplotlib load inside the commands, so `retrieval --help` starts at once.
+if TYPE_CHECKING:
+    import faiss
+    import matplotlib.pyplot as plt
+    import numpy as np
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    from retrieval.models import EmbeddingNet
+
+DEFAULT_MODEL = Path("models/train_unfrozen/best.pt")
+DEFAULT_INDEX = Path("data/index/gallery.faiss")  # gallery.csv and gallery.json lie next to it
+RESULTS_PER_ROW = 8
+SHOWN_SIDE = 256  # px: images in the figures are shown at most this big
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the console script; user errors exit with code 2."""
+    outputs.run_main(lambda: run(sys.argv[1:] if argv is None else list(argv)))
+
+
+def run(argv: list[str]) -> None:
+    if argv and argv[0] == "segment":
+        segment(argv[1:])
+        return
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return
+    args.handler(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="retrieval", description="Image similarity and retrieval with the trained model.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    compare = commands.add_parser("compare", help="how similar are two images?",
+                                  description="Embed two images and decide same/different "
+                                  "class at the threshold stored in the checkpoint.")
+    compare.add_argument("image_a", type=Path, metavar="IMAGE_A")
+    compare.add_argument("image_b", type=Path, metavar="IMAGE_B")
+    _common(compare, "compare.png")
+    compare.set_defaults(handler=compare_command)
+
+    find = commands.add_parser("search", help="the most similar gallery images",
+                               description="Embed a query image and show its nearest gallery "
+                               "images (the index saved by `dvc repro evaluate`).")
+    find.add_argument("image", type=Path, metavar="IMAGE")
+    find.add_argument("--k", type=int, default=8, help="how many results (default 8)")
+    find.add_argument("--index", type=Path, default=DEFAULT_INDEX,
+                      help=f"FAISS index of the gallery (default {DEFAULT_INDEX}); the gallery "
+                      "list is the .csv next to it")
+    _common(find, "search.png")
+    find.set_defaults(handler=search_command)
+
+    commands.add_parser("segment", help="saliency segmentation of an image (see "
+                        "`retrieval segment --help`)", add_help=False)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser, figure: str) -> None:
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                        help=f"checkpoint (default {DEFAULT_MODEL}, the fine-tuned model)")
+    parser.add_argument("--output", type=Path, default=Path(figure),
+                        help=f"where to save the figure (default {figure})")
+    parser.add_argument("--show", action="store_true",
+                        help="open the figure in a window instead of saving it")
+    parser.add_argument("--device", default="cpu",
+                        help="cpu (default; one image needs no GPU), auto or cuda[:N]")
+
+
+# --------------------------------------------------------------------------- shared steps
+
+
+def load_image(path: Path) -> Image.Image:
+    """An RGB image, or a one-line UserError saying why the file cannot be used."""
+    if not path.exists():
+        raise UserError(f"image file {path} does not exist")
+    if not path.is_file():
+        raise UserError(f"{path} is not a file: give an image file")
+    from PIL import Image
+
+    from retrieval import data
+
+    try:
+        return data.load_rgb(path)
+    except Image.UnidentifiedImageError as error:
+        raise UserError(f"{path} is not an image (Pillow cannot identify it)") from error
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as error:
+        reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
+        raise UserError(f"{path} cannot be decoded as an image: {reason}") from error
+
+
+def load_model(path: Path, device: torch.device) -> tuple[EmbeddingNet, dict]:
+    from retrieval import models, runtime
+
+    net, checkpoint = models.load_model(path)
+    if "image_size" not in checkpoint:
+        raise UserError(f"{path} has no image_size: it is not a final checkpoint of this "
+                        "project's training stages")
+    return runtime.prepare_model(net, device).eval(), checkpoint
+
+
+def embed(net: EmbeddingNet, images: list[Image.Image], image_size: int,
+          device: torch.device) -> np.ndarray:
+    """L2-normalised embeddings (N, D), preprocessed exactly like the evaluation images."""
+    import torch
+
+    from retrieval import runtime, transforms
+
+    batch = torch.stack([transforms.image_to_input(image, image_size) for image in images])
+    with torch.inference_mode():
+        return net(runtime.to_device(batch, device)).float().cpu().numpy()
+
+
+def shown(image: Image.Image) -> np.ndarray:
+    import numpy as np
+
+    small = image.copy()
+    small.thumbnail((SHOWN_SIDE, SHOWN_SIDE))
+    return np.asarray(small)
+
+
+def open_display(show: bool) -> bool:
+    """--show: switch matplotlib (Agg, set by retrieval.plots) to a GUI backend that can run.
+
+    Call before making the figure (switching backends closes open figures). False: save.
+    """
+    if not show:
+        return False
+    import matplotlib.pyplot as plt
+
+    import retrieval.plots  # noqa: F401  (sets Agg first, so it cannot undo the switch later)
+
+    for backend in ("macosx", "qtagg", "gtk4agg", "gtk3agg", "tkagg", "wxagg"):
+        try:
+            plt.switch_backend(backend)
+            return True
+        except (ImportError, RuntimeError, ValueError):
+            continue
+    print("no display available: the figure is saved instead", file=sys.stderr)
+    return False
+
+
+def finish(figure: plt.Figure, output: Path, on_screen: bool) -> None:
+    """Show the figure in its window, or save it."""
+    import matplotlib.pyplot as plt
+
+    if on_screen:
+        plt.show()
+        return
+    outputs.save_figure(figure, output)
+    print(f"figure:     {output}")
+
+
+# --------------------------------------------------------------------------- compare
+
+
+def compare_command(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from retrieval import runtime
+    from retrieval.plots import evaluation as evaluation_plots
+
+    device = runtime.resolve_device(args.device)
+    images = [load_image(args.image_a), load_image(args.image_b)]
+    net, checkpoint = load_model(args.model, device)
+    threshold = checkpoint.get("threshold")
+    if threshold is None:
+        raise UserError(f"{args.model} stores no decision threshold: use a best.pt written "
+                        "at the end of a training stage")
+    a, b = embed(net, images, checkpoint["image_size"], device)
+    distance = float(np.linalg.norm(a - b))
+    similarity = 1.0 - distance**2 / 2  # cosine similarity of unit vectors
+    same = distance <= threshold
+    print(f"distance:   {distance:.4f}  (Euclidean between L2-normalised embeddings, 0 to 2)")
+    print(f"similarity: {similarity:.4f}  (cosine, -1 to 1)")
+    print(f"decision:   {'same class' if same else 'different classes'}  "
+          f"(same when distance <= threshold {threshold:.4f}, chosen on validation pairs)")
+    on_screen = open_display(args.show)
+    figure = evaluation_plots.pair_figure(
+        shown(images[0]), shown(images[1]), (str(args.image_a), str(args.image_b)), distance,
+        similarity, same, threshold)
+    finish(figure, args.output, on_screen)
+
+
+# --------------------------------------------------------------------------- search
+
+
+def search_command(args: argparse.Namespace) -> None:
+    if args.k < 1:
+        raise UserError(f"--k must be >= 1, found {args.k}")
+    from retrieval import runtime, search
+    from retrieval.plots import evaluation as evaluation_plots
+
+    device = runtime.resolve_device(args.device)
+    query = load_image(args.image)
+    gallery, index = load_gallery(args.index)
+    net, checkpoint = load_model(args.model, device)
+    if index.d != net.embedding_dim:
+        raise UserError(f"{args.index} holds {index.d}-d vectors but {args.model} embeds to "
+                        f"{net.embedding_dim}-d: pass the model the index was built with "
+                        "(--model) or re-run `dvc repro evaluate`")
+    _warn_if_other_model(args.index, args.model)
+    vector = embed(net, [query], checkpoint["image_size"], device)
+    distances, ids = search.search_index(index, vector, args.k)
+    found = [(d, gallery.iloc[i]) for d, i in zip(distances[0], ids[0], strict=True) if i >= 0]
+    print(f"top {len(found)} of {len(gallery)} gallery images for {args.image}:")
+    for rank, (d, item) in enumerate(found, start=1):
+        print(f"{rank:3d}  distance {d:.4f}  {item['label']:<20}  {item['path']}")
+    on_screen = open_display(args.show)
+    query_tile = evaluation_plots.Tile(shown(query), f"query\n{args.image.name[:24]}")
+    tiles = [evaluation_plots.Tile(_gallery_image(item["file"]),
+                                   f"#{rank} {str(item['label'])[:16]}\nd={d:.3f}")
+             for rank, (d, item) in enumerate(found, start=1)]
+    rows = [[query_tile if start == 0 else None, *tiles[start:start + RESULTS_PER_ROW]]
+            for start in range(0, len(tiles), RESULTS_PER_ROW)]
+    figure = evaluation_plots.retrieval_grid(
+        rows, ["query", *[f"#{i + 1}" for i in range(min(len(tiles), RESULTS_PER_ROW))]],
+        f"The {len(found)} nearest gallery images (Euclidean distance d)", gaps_after=(0,))
+    finish(figure, args.output, on_screen)
+
+
+def load_gallery(index_path: Path) -> tuple[pd.DataFrame, faiss.Index]:
+    """The gallery list (path, label, file per index id) and the FAISS index."""
+    import pandas as pd
+
+    from retrieval import search
+
+    if not index_path.is_file():
+        raise UserError(f"no gallery index at {index_path}: run `dvc repro evaluate` first "
+                        "or pass --index")
+    try:
+        index = search.load_index(index_path)
+    except ValueError as error:
+        raise UserError(str(error)) from error
+    listing = index_path.with_suffix(".csv")
+    if not listing.is_file():
+        raise UserError(f"{listing} (the gallery list of {index_path}) does not exist: "
+                        "re-run `dvc repro evaluate`")
+    gallery = pd.read_csv(listing, keep_default_na=False, dtype={"label": str})
+    if len(gallery) != index.ntotal:
+        raise UserError(f"{listing} lists {len(gallery)} images but {index_path} holds "
+                        f"{index.ntotal}: re-run `dvc repro evaluate`")
+    return gallery, index
+
+
+def _warn_if_other_model(index_path: Path, model_path: Path) -> None:
+    card_path = index_path.with_suffix(".json")
+    if not card_path.is_file():
+        return
+    from retrieval.evaluation import file_digest
+
+    card = outputs.read_json(card_path)
+    if card.get("model_sha256") not in (None, file_digest(model_path)):
+        print(f"warning: {index_path} was built with another model ({card.get('model')}); "
+              "distances are only meaningful with that model", file=sys.stderr)
+
+
+def _gallery_image(file: str) -> np.ndarray:
+    import numpy as np
+
+    from retrieval import data
+
+    try:
+        return shown(data.load_rgb(file))
+    except (OSError, ValueError):
+        return np.full((64, 64, 3), 200, dtype=np.uint8)  # moved or deleted since indexing
+
+
+# --------------------------------------------------------------------------- segment (hook)
+# `retrieval segment` is implemented in retrieval.segmentation as segment_main(argv), owned by
+# the Grad-CAM segmentation work. It is imported lazily, only when asked for, so compare and
+# search work (and start fast) whether or not that module exists.
+
+
+def segment(argv: list[str]) -> None:
+    try:
+        segmentation = importlib.import_module("retrieval.segmentation")
+    except ModuleNotFoundError as error:
+        if error.name != "retrieval.segmentation":
+            raise  # the module exists but one of its own imports is missing
+        raise UserError("`retrieval segment` is not available in this version "
+                        "(no retrieval.segmentation module)") from error
+    code = segmentation.segment_main(argv)
+    if code:
+        sys.exit(code)

@@ -1,0 +1,181 @@
+"""The `retrieval` command on a tiny model built here: compare, search, the segment hook, and
+one-line errors with exit code 2 for bad input."""
+
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from retrieval import cli, evaluation, models, search
+from retrieval.config import ModelConfig
+
+IMAGE_SIZE = 32
+SHAPES = {"red_square": ((220, 30, 30), "rectangle"), "blue_disc": ((30, 60, 220), "ellipse"),
+          "green_square": ((30, 200, 60), "rectangle")}
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny checkpoint, a few Pillow images and a gallery index of them."""
+    root = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    net = models.EmbeddingNet(ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=16,
+                                          embedding_dim=8)).eval()
+    models.save_checkpoint(root / "model.pt", net, {"threshold": 0.5, "classes": list(SHAPES),
+                                                    "image_size": IMAGE_SIZE, "stage": "test"})
+    files = {}
+    for name, (colour, shape) in SHAPES.items():
+        for i in range(2):
+            image = Image.new("RGB", (48 + 8 * i, 40), (240, 240, 240))
+            getattr(ImageDraw.Draw(image), shape)((8, 6, 36 + 4 * i, 32), fill=colour)
+            files[f"{name}_{i}"] = root / f"{name}_{i}.png"
+            image.save(files[f"{name}_{i}"])
+    gallery = pd.DataFrame({"path": [f.name for f in files.values()],
+                            "label": [k.rsplit("_", 1)[0] for k in files],
+                            "file": [str(f) for f in files.values()]})
+    loaded, checkpoint = cli.load_model(root / "model.pt", torch.device("cpu"))
+    vectors = cli.embed(loaded, [cli.load_image(f) for f in files.values()], IMAGE_SIZE,
+                        torch.device("cpu"))
+    search.save_index(search.build_index(vectors), root / "gallery.faiss")
+    gallery.to_csv(root / "gallery.csv", index=False)
+    (root / "gallery.json").write_text(pd.Series(evaluation.index_card(
+        root / "model.pt", 8, len(gallery))).to_json())
+    (root / "notes.png").write_text("not an image at all")
+    (root / "broken.pt").write_bytes(b"\x00\x01 definitely not a checkpoint")
+    return types.SimpleNamespace(root=root, model=root / "model.pt", files=files,
+                                 index=root / "gallery.faiss", vectors=vectors)
+
+
+def call(argv, capsys):
+    """Run the command like the console script; returns (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        cli.main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_compare_prints_distance_similarity_and_decision(workspace, capsys, tmp_path):
+    a, b = workspace.files["red_square_0"], workspace.files["blue_disc_0"]
+    figure = tmp_path / "pair.png"
+    code, out, _ = call(["compare", a, b, "--model", workspace.model, "--output", figure],
+                        capsys)
+    assert code == 0
+    distance = float(out.split("distance:")[1].split()[0])
+    similarity = float(out.split("similarity:")[1].split()[0])
+    expected = np.linalg.norm(workspace.vectors[0] - workspace.vectors[2])
+    assert distance == pytest.approx(expected, abs=1e-3)
+    assert similarity == pytest.approx(1 - distance**2 / 2, abs=1e-3)
+    verdict = "same class" if distance <= 0.5 else "different classes"
+    assert f"decision:   {verdict}" in out and "threshold 0.5000" in out
+    assert Image.open(figure).size[0] > 300
+
+
+def test_compare_an_image_with_itself_is_the_same_class(workspace, capsys, tmp_path):
+    a = workspace.files["green_square_1"]
+    code, out, _ = call(["compare", a, a, "--model", workspace.model, "--output",
+                         tmp_path / "self.png"], capsys)
+    assert code == 0 and "distance:   0.0000" in out and "decision:   same class" in out
+
+
+def test_search_lists_the_nearest_gallery_images(workspace, capsys, tmp_path):
+    query = workspace.files["blue_disc_1"]
+    figure = tmp_path / "found.png"
+    code, out, err = call(["search", query, "--k", 3, "--model", workspace.model, "--index",
+                           workspace.index, "--output", figure], capsys)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if "distance" in line]
+    assert len(lines) == 3 and "blue_disc_1.png" in lines[0]  # itself, at distance 0
+    assert float(lines[0].split("distance")[1].split()[0]) == pytest.approx(0, abs=1e-3)
+    assert figure.is_file() and "warning" not in err
+
+
+def test_search_clips_k_to_the_gallery(workspace, capsys, tmp_path):
+    code, out, _ = call(["search", workspace.files["red_square_0"], "--k", 50, "--model",
+                         workspace.model, "--index", workspace.index, "--output",
+                         tmp_path / "all.png"], capsys)
+    assert code == 0 and f"top {len(workspace.files)} of {len(workspace.files)}" in out
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing_image", "does not exist"),
+    ("not_an_image", "is not an image"),
+    ("missing_model", "does not exist"),
+    ("broken_model", "refusing to load"),
+    ("bad_k", "--k must be >= 1"),
+    ("missing_index", "no gallery index"),
+])
+def test_bad_input_is_one_line_and_exit_code_2(workspace, capsys, tmp_path, case, message):
+    good = workspace.files["red_square_0"]
+    model, index, image, k = workspace.model, workspace.index, good, 3
+    if case == "missing_image":
+        image = tmp_path / "nope.jpg"
+    elif case == "not_an_image":
+        image = workspace.root / "notes.png"
+    elif case == "missing_model":
+        model = tmp_path / "nope.pt"
+    elif case == "broken_model":
+        model = workspace.root / "broken.pt"
+    elif case == "bad_k":
+        k = 0
+    else:
+        index = tmp_path / "nope.faiss"
+    argv = ["search", image, "--k", k, "--model", model, "--index", index, "--output",
+            tmp_path / "x.png"]
+    if case in ("missing_image", "not_an_image", "missing_model", "broken_model"):
+        argv = ["compare", good, image, "--model", model, "--output", tmp_path / "x.png"]
+    code, out, err = call(argv, capsys)
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and err.startswith("error")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_search_refuses_an_index_of_another_dimension(workspace, capsys, tmp_path):
+    search.save_index(search.build_index(np.eye(4, dtype=np.float32)), tmp_path / "g.faiss")
+    pd.DataFrame({"path": list("abcd"), "label": list("abcd"), "file": list("abcd")}).to_csv(
+        tmp_path / "g.csv", index=False)
+    code, _, err = call(["search", workspace.files["red_square_0"], "--model", workspace.model,
+                         "--index", tmp_path / "g.faiss"], capsys)
+    assert code == 2 and "4-d vectors" in err and "8-d" in err
+
+
+def test_search_warns_when_the_index_was_built_with_another_model(workspace, capsys,
+                                                                  tmp_path):
+    other = tmp_path / "other.pt"
+    torch.manual_seed(1)  # same architecture, other weights
+    net = models.EmbeddingNet(ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=16,
+                                          embedding_dim=8))
+    models.save_checkpoint(other, net, {"threshold": 0.5, "image_size": IMAGE_SIZE})
+    code, _, err = call(["search", workspace.files["red_square_0"], "--model", other,
+                         "--index", workspace.index, "--output", tmp_path / "w.png"], capsys)
+    assert code == 0 and "warning" in err and "another model" in err
+
+
+def test_segment_is_handed_to_the_segmentation_module(monkeypatch, capsys):
+    seen = []
+    fake = types.ModuleType("retrieval.segmentation")
+    fake.segment_main = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "retrieval.segmentation", fake)
+    assert call(["segment", "images/", "--out", "masks/"], capsys)[0] == 0
+    assert seen == [["images/", "--out", "masks/"]]
+
+
+def test_segment_without_the_module_is_a_user_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "retrieval.segmentation", None)
+    code, _, err = call(["segment", "x"], capsys)
+    assert code == 2 and "not available" in err
+
+
+def test_python_dash_m_retrieval_shows_the_commands():
+    result = subprocess.run([sys.executable, "-m", "retrieval", "--help"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0
+    for command in ("compare", "search", "segment"):
+        assert command in result.stdout
