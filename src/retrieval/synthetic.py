@@ -376,7 +376,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     image += 14 * mottle
 
     # Blobs: big level sets of smooth noise have organic outlines, never a disc or a polygon.
-    for _ in range(rng.integers(2, 5)):
+    for _ in range(rng.integers(1, 4)):
         field = _smooth_noise(rng, size, int(rng.integers(2, 6)))
         # The k-th smallest value is the quantile, without sorting the whole field.
         k = int(rng.uniform(0.72, 0.9) * field.size)
@@ -388,7 +388,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     # Lines: 1-3 px at 128 px, thin enough that a crossing never reads as a cross.
     canvas = Image.fromarray(_to_uint8(image))
     draw = ImageDraw.Draw(canvas)
-    for _ in range(rng.integers(3, 9)):
+    for _ in range(rng.integers(1, 5)):
         points = rng.uniform(-0.2 * size, 1.2 * size, size=(int(rng.integers(2, 5)), 2))
         colour = tuple(int(c) for c in _random_colour(rng))
         width = int(rng.integers(1, 4)) * max(1, size // 128)
