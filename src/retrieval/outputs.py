@@ -18,6 +18,10 @@ from typing import Any
 import pandas as pd
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class UserError(ValueError):
     """Bad input from the user (params, data, a path): reported in one line, exit code 2."""
 
@@ -29,6 +33,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(handle)
+    os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
     try:
         yield Path(temp)
         os.replace(temp, path)
@@ -78,7 +83,8 @@ def run_main(main: Callable[[], None]) -> None:
         main()
     except (UserError, FileNotFoundError) as error:
         name = type(error).__name__
-        print(f"error ({name}): {error}", file=sys.stderr)
+        message = " ".join(str(error).split())  # one line, whatever the message holds
+        print(f"error ({name}): {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted: outputs written so far are complete; re-run to continue",

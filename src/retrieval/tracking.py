@@ -134,6 +134,7 @@ def stage_run(stage: str, params: dict[str, Any], all_params: dict[str, Any] | N
                                                       all_params))
     with _retry(lambda: mlflow.start_run(run_id=parent_id)):
         child = _retry(lambda: mlflow.start_run(run_name=stage, nested=True,
+                                                experiment_id=experiment,
                                                 tags={**tags, "stage": stage}))
         try:
             _retry(lambda: mlflow.log_params({k: _param(v) for k, v in params.items()}))
@@ -190,4 +191,40 @@ def group_runs(params: dict[str, Any]) -> dict[str, str]:
     runs = mlflow.MlflowClient().search_runs(
         [experiment.experiment_id], filter_string=f"tags.`pipeline.group` = '{group}'",
         order_by=["attributes.start_time ASC"])
+    return {run.data.tags.get("stage", "pipeline"): run.info.run_id for run in runs}
+
+
+def pipeline_runs(max_results: int = 200) -> list[dict[str, Any]]:
+    """Every pipeline execution (parent run), newest first, as plain dicts: run_id, name,
+    dvc_experiment, git_commit, params and metrics (for the report's experiment comparison)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
+    if experiment is None:
+        return []
+    runs = _retry(lambda: mlflow.MlflowClient().search_runs(
+        [experiment.experiment_id], filter_string="tags.`pipeline.parent` = 'true'",
+        order_by=["attributes.start_time DESC"], max_results=max_results))
+    return [{"run_id": run.info.run_id, "name": run.info.run_name,
+             "dvc_experiment": run.data.tags.get("dvc_experiment") or "workspace",
+             "git_commit": run.data.tags.get("git_commit", ""),
+             "params": dict(run.data.params), "metrics": dict(run.data.metrics)}
+            for run in runs]
+
+
+def pipeline_run_ids(params: dict[str, Any]) -> dict[str, str]:
+    """Like `group_runs`, but searching every experiment: stage runs started without an
+    experiment id (nested `mlflow.start_run`) land in MLflow's 'Default' experiment."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in _retry(client.search_experiments)]
+    if not experiments:
+        return {}
+    group, _ = run_group(params)
+    runs = _retry(lambda: client.search_runs(
+        experiments, filter_string=f"tags.`pipeline.group` = '{group}'",
+        order_by=["attributes.start_time ASC"]))
     return {run.data.tags.get("stage", "pipeline"): run.info.run_id for run in runs}

@@ -1,0 +1,57 @@
+"""report: the pipeline's report with images, built from every stage's metrics and plots.
+
+Sections whose stage has not run say so instead of failing. Run ids and the comparison across
+experiments come from MLflow; everything else from the files below.
+
+Reads:  params.yaml (all of it, for the configuration section); metrics/<stage>.json,
+        plots/<stage>/ (*.png, history.csv, class_counts.csv), data/prepared/excluded.csv;
+        MLflow (this execution's run ids, the other pipeline runs)
+Writes: report/report.html (self-contained), report/Report.pdf, report/report.md with its
+        images in report/figures/; logged to MLflow as the report run's artifacts
+"""
+
+import os
+import shutil
+from pathlib import Path
+
+from retrieval import config, outputs, report, tracking
+
+STAGE = "report"
+OUT = Path("report")
+FIGURES = OUT / "figures"
+
+
+def main() -> None:
+    params = config.load_params()
+    flat = config.flatten(config.to_dict(params))
+    with tracking.stage_run(STAGE, flat, flat) as run:
+        run_info = report.RunInfo(tracking.git_commit(),
+                                  os.environ.get("DVC_EXP_NAME") or "workspace",
+                                  tracking.pipeline_run_ids(flat))
+        experiments = report.experiments_table(tracking.pipeline_runs(),
+                                               run_info.run_ids.get("pipeline"))
+        inputs = report.load_inputs("metrics", "plots", flat, run_info, experiments,
+                                    "data/prepared/excluded.csv")
+        shutil.rmtree(FIGURES, ignore_errors=True)  # figures of a stage that no longer exists
+        lr_figure = report.lr_schedule_figure(inputs.histories)
+        if lr_figure is not None:
+            outputs.save_figure(lr_figure, FIGURES / f"{report.LR_FIGURE}.png")
+            inputs.figures[report.LR_FIGURE] = FIGURES / f"{report.LR_FIGURE}.png"
+        for key, path in inputs.figures.items():  # report.md and its images travel together
+            if key != report.LR_FIGURE:
+                with outputs.atomic_path(FIGURES / f"{key}.png") as temp:
+                    shutil.copyfile(path, temp)
+        sections = report.build_sections(inputs)
+        with outputs.atomic_path(OUT / "report.md") as temp:
+            temp.write_text(report.render_markdown(
+                sections, run_info, lambda figure: f"figures/{figure.key}.png"))
+        with outputs.atomic_path(OUT / "report.html") as temp:
+            temp.write_text(report.render_html(sections, run_info))
+        with outputs.atomic_path(OUT / "Report.pdf") as temp:
+            report.render_pdf(sections, run_info, temp)
+        run.log_artifact(OUT, STAGE)
+        print(f"wrote {OUT / 'report.html'}, {OUT / 'Report.pdf'}, {OUT / 'report.md'}")
+
+
+if __name__ == "__main__":
+    outputs.run_main(main)
