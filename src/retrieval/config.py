@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 from retrieval.outputs import UserError
+from retrieval.workspace import resolve
 
 
 class ParamsError(UserError):
@@ -103,6 +104,14 @@ class ModelConfig:
     dropout: float = 0.0
 
     def validate(self, key: str) -> None:
+        _check(self.backbone != "cifar_resnet" or self.weights == "none", f"{key}.weights",
+               f"('{self.weights}') must be none for cifar_resnet (it is trained from scratch)")
+        if self.weights not in ("imagenet", "none"):
+            # Checked here, before any stage works; whether the file holds the right
+            # architecture is checked when the model is built (train_frozen, first thing).
+            _check(resolve(self.weights).is_file(), f"{key}.weights",
+                   f"('{self.weights}') is neither imagenet, none nor an existing file "
+                   f"(looked for {resolve(self.weights)})")
         _check(self.cifar_n >= 1, f"{key}.cifar_n", "must be >= 1")
         _check(self.hidden_dim >= 1, f"{key}.hidden_dim", "must be >= 1")
         _check(self.embedding_dim >= 2, f"{key}.embedding_dim", "must be >= 2")
@@ -192,46 +201,68 @@ class TrainUnfrozenConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    test_pairs: int = 1000
+    test_pairs: int = 2000
+    val_pairs: int = 2000  # the decision threshold is chosen on these, then applied to test
     threshold_criterion: Literal["f1", "accuracy"] = "f1"
     gallery: Literal["test", "train"] = "test"
-    bootstrap: int = 1000
-    examples: int = 6
+    # Neighbours ranked per query: mAP and MAP@R are exact while this is >= the gallery size
+    # (else mAP@max_rank); memory is O(query chunk x max_rank), never gallery x gallery.
+    max_rank: int = 1000
+    bootstrap: int = 1000  # resamples for the 95% confidence intervals; 0 = none
+    examples: int = 6  # queries shown in the example and worst-query figures
 
     def validate(self, key: str) -> None:
         _check(self.test_pairs >= 2, f"{key}.test_pairs", "must be >= 2")
+        _check(self.val_pairs >= 2, f"{key}.val_pairs", "must be >= 2")
+        _check(self.max_rank >= 10, f"{key}.max_rank", f"({self.max_rank}) must be >= 10")
         _check(self.bootstrap >= 0, f"{key}.bootstrap", "must be >= 0")
+        _check(1 <= self.examples <= 20, f"{key}.examples",
+               f"({self.examples}) must be in [1, 20]")
 
 
 @dataclass(frozen=True)
 class EmbedVizConfig:
     perplexity: float = 30.0
-    max_points: int = 3000
-    highlight_classes: int = 10
+    max_points: int = 3000  # seeded subsample of the test split (t-SNE is O(n log n))
+    highlight_classes: int = 10  # the largest classes get colours, the rest are grey
 
     def validate(self, key: str) -> None:
         _check(self.perplexity > 0, f"{key}.perplexity", "must be > 0")
         _check(self.max_points >= 10, f"{key}.max_points", "must be >= 10")
+        _check(1 <= self.highlight_classes <= 20, f"{key}.highlight_classes",
+               f"({self.highlight_classes}) must be in [1, 20] (one colour each)")
 
 
 @dataclass(frozen=True)
 class GradcamConfig:
     methods: tuple[str, ...] = ("gradcam", "gradcam++", "input_gradient", "guided_backprop")
-    binarize: tuple[str, ...] = ("otsu", "top_percent:20", "top_percent:30", "top_percent:40",
-                                 "fixed:0.5")
-    overlays: int = 8
-    max_images: int = 400
+    # Binarisation candidates; the one with the best mean IoU on validation is applied to test.
+    binarize: tuple[str, ...] = ("otsu", "top_percent:10", "top_percent:20", "top_percent:30",
+                                 "top_percent:40", "top_percent:50", "fixed:0.5")
+    overlays: int = 8  # test images shown in the overlay figures (seeded choice)
+    max_images: int = 400  # per split (val, test): a seeded choice caps the cost on big datasets
+    batch_size: int = 32  # images per saliency call (forward + backward); lower it if out of memory
 
     def validate(self, key: str) -> None:
         valid = {"gradcam", "gradcam++", "input_gradient", "guided_backprop"}
+        _check(len(self.methods) > 0, f"{key}.methods", "is empty (name at least one method)")
         for method in self.methods:
             _check(method in valid, f"{key}.methods",
                    f"has unknown '{method}' (valid: {sorted(valid)})")
+        _check(len(set(self.methods)) == len(self.methods), f"{key}.methods",
+               "names a method twice")
+        _check(len(self.binarize) > 0, f"{key}.binarize",
+               "is empty (name at least one of otsu, fixed:<0..1>, top_percent:<0..100>)")
         for candidate in self.binarize:
             _check(re.fullmatch(r"otsu|fixed:(0?\.\d+|1(\.0*)?|0)|top_percent:\d+(\.\d+)?",
                                 candidate) is not None, f"{key}.binarize",
                    f"has '{candidate}' (use otsu, fixed:<0..1> or top_percent:<0..100>)")
+            if candidate.startswith("top_percent:"):
+                _check(float(candidate.split(":")[1]) <= 100, f"{key}.binarize",
+                       f"has '{candidate}' (top_percent takes a percentage, 0..100)")
+        _check(self.overlays >= 0, f"{key}.overlays", "must be >= 0")
         _check(self.max_images >= 1, f"{key}.max_images", "must be >= 1")
+        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,116 @@
+"""gradcam_segment: segmentation for free, from the saliency of the trained models (issue #5).
+
+Models: baseline (train_frozen's trunk, the backbone before training: its pooled descriptor),
+frozen and unfrozen; methods and binarisation candidates from params. The binarisation is chosen
+per (model, method) on val and applied to test; a centred ellipse (training foreground fraction)
+and the full mask are the trivial baselines. IoU and Dice are computed on the model's input view
+(data.image_size px, masks through the images' resize + centre crops); the PNG masks are written
+at each image's own size, background outside the centre crop.
+
+Reads:  params seed, device, precision, data.image_size, gradcam_segment; data/split.csv,
+        data/prepared, models/train_frozen/best.pt, models/train_unfrozen/best.pt
+Writes: data/gradcam/masks/<model>/<method>/<class>/<stem>.png (every explained test image),
+        data/gradcam/prototypes/<model>.npz (for `retrieval segment`), data/gradcam/per_image.csv,
+        plots/gradcam_segment/{overlays_<model>.png, iou_histogram.png, iou_table.csv,
+        iou_table.md, per_class.csv}, metrics/gradcam_segment.json,
+        metrics/timing/gradcam_segment.json
+"""
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from retrieval import cache, config, data, models, outputs, runtime, segmentation, tracking
+from retrieval.outputs import UserError
+from retrieval.plots import segmentation as figures
+
+STAGE = "gradcam_segment"
+OUT, PLOTS = Path("data/gradcam"), Path("plots") / STAGE
+FROZEN, UNFROZEN = Path("models/train_frozen/best.pt"), Path("models/train_unfrozen/best.pt")
+
+
+def main() -> None:
+    started = time.perf_counter()
+    params = config.load_params()
+    size = params.data.image_size
+    table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
+    device = runtime.resolve_device(params.device)
+    (frozen, checkpoint), (unfrozen, _) = models.load_model(FROZEN), models.load_model(UNFROZEN)
+    if checkpoint.get("image_size", size) != size:
+        raise UserError(f"{FROZEN} was trained at {checkpoint['image_size']} px but "
+                        f"data.image_size is {size}: run `dvc repro` to retrain")
+    explainers = [segmentation.backbone_explainer("baseline", frozen.to(device)),
+                  segmentation.model_explainer("frozen", frozen),
+                  segmentation.model_explainer("unfrozen", unfrozen.to(device))]
+    checkpoint_of = {"baseline": FROZEN, "frozen": FROZEN, "unfrozen": UNFROZEN}
+    keys = ("seed", "device", "precision", "data", STAGE)
+    with tracking.stage_run(STAGE, config.select(params, keys),
+                            config.flatten(config.to_dict(params))) as run, \
+            _replaced(OUT) as out:
+        images = cache.images_for(table["file"].tolist(), size)
+        result = segmentation.evaluate(
+            explainers, images, table, params.gradcam_segment, params.seed, size,
+            params.precision, write_mask=lambda model, method, row, mask:
+            segmentation.write_mask_png(out / "masks" / model / method /
+                                        Path(row["path"]).with_suffix(".png"), mask))
+        for explainer in result.explainers:
+            chosen = result.choices[result.choices["model"] == explainer.name]
+            segmentation.save_explainer(out / "prototypes" / f"{explainer.name}.npz", explainer,
+                                        checkpoint_of[explainer.name],
+                                        dict(zip(chosen["method"], chosen["binarization"],
+                                                 strict=True)))
+        outputs.write_csv(out / "per_image.csv", result.scores)
+
+        summary = segmentation.summary_table(result)
+        outputs.write_csv(PLOTS / "iou_table.csv", summary)
+        with outputs.atomic_path(PLOTS / "iou_table.md") as temp:
+            temp.write_text(segmentation.markdown_table(summary))
+        outputs.write_csv(PLOTS / "per_class.csv", segmentation.per_class_table(result))
+        shown = result.overlays
+        for name in checkpoint_of:
+            outputs.save_figure(figures.overlays(
+                shown.views, shown.labels, shown.truth, shown.has_truth, *shown.of_model(name),
+                f"{STAGE}: {name} model, test images (yellow: predicted, green: ground truth)"),
+                PLOTS / f"overlays_{name}.png")
+        trivial = summary[summary["model"] == "trivial"]
+        outputs.save_figure(figures.iou_histogram(
+            result.scores, dict(zip(trivial["method"], trivial["mean_iou"], strict=True))),
+            PLOTS / "iou_histogram.png")
+
+        metrics = segmentation.metrics(result)
+        outputs.write_json(f"metrics/{STAGE}.json", metrics)
+        timing = {"seconds": time.perf_counter() - started,
+                  "images_explained": (result.images["val"] + result.images["test"])
+                  * len(explainers) * len(params.gradcam_segment.methods)}
+        outputs.write_json(f"metrics/timing/{STAGE}.json", timing)
+        # MLflow metric names may not contain "+" (gradcam++ -> gradcampp).
+        flat = {k.replace("+", "p"): v for k, v in config.flatten(metrics).items()}
+        run.log_metrics(flat, to_parent=True)
+        run.log_metrics(timing)
+        run.set_tags({"iou_computed": result.iou_computed})
+        run.log_artifact(PLOTS)
+
+
+@contextmanager
+def _replaced(folder: Path) -> Iterator[Path]:
+    """A fresh temporary folder that replaces ``folder`` when the block succeeds, so masks of
+    an earlier run (other methods, images) never linger and a failed run leaves the old ones."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    temp.chmod(0o755)  # mkdtemp's 0700 would survive the rename
+    try:
+        yield temp
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(temp, folder)
+    finally:
+        if temp.exists():
+            shutil.rmtree(temp)
+
+
+if __name__ == "__main__":
+    outputs.run_main(main)

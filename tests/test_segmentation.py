@@ -1,0 +1,404 @@
+"""Segmentation from saliency: mask geometry, explainers, the experiment and `retrieval segment`.
+
+Tiny from-scratch models (cifar_resnet, n=1) on Pillow-made images of one bright ellipse over a
+dark, noisy background; the ellipse is the mask. The models are untrained, so the tests check
+plumbing and known answers (geometry, trivial baselines, file layout), not segmentation quality.
+"""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+from retrieval import cam, models, segmentation, transforms
+from retrieval.cache import ImageCache
+from retrieval.config import GradcamConfig, ModelConfig, ParamsError, params_from_dict
+from retrieval.outputs import UserError
+from retrieval.plots import segmentation as figures
+
+SIZE = 32  # model input side: the cifar trunk's last block is 8 x 8
+CLASSES = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+
+
+def tiny_net(num_classes: int = 0) -> models.EmbeddingNet:
+    config = ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=16, embedding_dim=8)
+    return models.EmbeddingNet(config, num_classes).eval()
+
+
+def save_net(path, num_classes: int = 0) -> models.EmbeddingNet:
+    net = tiny_net(num_classes)
+    models.save_checkpoint(path, net, {"image_size": SIZE, "classes": list(CLASSES)})
+    return net
+
+
+def draw(height: int, width: int, box: tuple[int, int, int, int], seed: int
+         ) -> tuple[Image.Image, np.ndarray]:
+    """An RGB image with a bright ellipse in ``box`` (left, top, right, bottom) and its mask."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 60, (height, width, 3), dtype=np.uint8)
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).ellipse(box, fill=255)
+    truth = np.asarray(mask) > 127
+    pixels[truth] = rng.integers(180, 256, 3, dtype=np.uint8)
+    return Image.fromarray(pixels), truth
+
+
+def make_folder(root, masks_root=None, per_class: int = 4, shape=(40, 52)) -> list[dict]:
+    """root/<class>/<i>.png (+ masks_root/<class>/<i>.png): rows of a split table."""
+    rows = []
+    for c, label in enumerate(CLASSES):
+        for i in range(per_class):
+            h, w = shape
+            left, top = 4 + 3 * i, 5 + 2 * c
+            image, truth = draw(h, w, (left, top, left + w // 2, top + h // 2), 10 * c + i)
+            (root / label).mkdir(parents=True, exist_ok=True)
+            image.save(root / label / f"{i}.png")
+            mask_file = ""
+            if masks_root is not None:
+                (masks_root / label).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(truth.astype(np.uint8) * 255).save(masks_root / label / f"{i}.png")
+                mask_file = str(masks_root / label / f"{i}.png")
+            split = ("train", "train", "val", "test")[i % 4]
+            rows.append({"path": f"{label}/{i}.png", "label": label, "split": split,
+                         "mask_path": f"{label}/{i}.png" if mask_file else "",
+                         "file": str(root / label / f"{i}.png"), "mask_file": mask_file})
+    return rows
+
+
+# --- geometry -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(40, 52), (53, 37), (36, 36)])
+def test_align_mask_follows_the_images_own_transforms(shape):
+    # An image that is white exactly on the mask, through the image pipeline (cache decode +
+    # eval crop), must give the same pixels as the aligned mask.
+    image, truth = draw(*shape, (6, 7, 30, 29), seed=1)
+    white = Image.fromarray(np.where(truth[..., None], 255, 0).astype(np.uint8).repeat(3, 2))
+    view = transforms.eval_crop(SIZE)(transforms.decode_transform(SIZE)(white))
+    aligned = segmentation.align_mask(truth, SIZE)
+    assert aligned.shape == (SIZE, SIZE)
+    np.testing.assert_array_equal(aligned, view[0].numpy() >= 128)
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (61, 33), (48, 48)])
+def test_restore_mask_inverts_align_mask(shape):
+    h, w = shape
+    _, truth = draw(h, w, (w // 4, h // 4, 3 * w // 4, 3 * h // 4), seed=2)
+    view = segmentation.align_mask(truth, SIZE)
+    restored = segmentation.restore_mask(view, h, w)
+    assert restored.shape == (h, w)
+    assert cam.iou(segmentation.align_mask(restored, SIZE), view) > 0.9
+    assert cam.iou(restored, truth) > 0.85  # the centred object lies inside the crop
+
+
+def test_restored_full_view_is_the_centre_crop_window():
+    # 40 x 60 with image_size 32: resized to 37 x 55 (cache side 37), the view is rows 2..34 and
+    # columns 11..43 of that, i.e. about rows 2..37 and columns 18..71*60/55 of the original.
+    restored = segmentation.restore_mask(np.ones((SIZE, SIZE), bool), 40, 60)
+    assert restored[20, 30] and not restored[20, 0] and not restored[20, 59]
+    columns = np.flatnonzero(restored[20])
+    rows = np.flatnonzero(restored[:, 30])
+    assert abs(columns[0] - 11 * 60 / 55) <= 1 and abs(columns[-1] + 1 - 43 * 60 / 55) <= 1
+    assert abs(rows[0] - 2 * 40 / 37) <= 1 and abs(rows[-1] + 1 - 34 * 40 / 37) <= 1
+
+
+# --- explainers -----------------------------------------------------------------------------
+
+
+def test_pooled_descriptor_is_the_normalised_backbone_feature():
+    net = tiny_net()
+    explainer = segmentation.backbone_explainer("baseline", net)
+    x = torch.randn(3, 3, SIZE, SIZE)
+    with torch.no_grad():
+        expected = F.normalize(net.features(x), dim=1)
+        np.testing.assert_allclose(explainer.model(x), expected, atol=1e-6)
+    assert explainer.model.target_layer is net.target_layer
+    assert (explainer.target, explainer.view) == ("prototype", "backbone")
+
+
+def test_prototype_targets_use_the_label_or_the_nearest_prototype():
+    net = tiny_net()
+    explainer = segmentation.model_explainer("m", net)
+    x = torch.randn(4, 3, SIZE, SIZE)
+    with torch.no_grad():
+        z = net(x)  # (4, 8), unit norm
+    # Prototype "near" is image 0's own embedding, "far" its opposite.
+    explainer.prototypes = {"near": z[0].numpy(), "far": (-z[0]).numpy()}
+    targets = explainer.targets(x, ["far", "near", "near", "far"])
+    assert float(targets[1](z[0])) == pytest.approx(1.0, abs=1e-5)
+    assert float(targets[0](z[0])) == pytest.approx(-1.0, abs=1e-5)
+    assert explainer.predict(x[:1]) == ["near"]
+    with pytest.raises(ValueError, match="no prototype for class"):
+        explainer.targets(x[:1], ["unknown"])
+
+
+def test_classifier_target_is_the_predicted_logit():
+    net = tiny_net(num_classes=3)
+    explainer = segmentation.model_explainer("ce", net)
+    assert (explainer.target, explainer.view) == ("logit", "classifier")
+    x = torch.randn(5, 3, SIZE, SIZE)
+    with torch.no_grad():
+        logits = net.classifier(net(x, normalize=False))
+    assert [t.index for t in explainer.targets(x)] == logits.argmax(1).tolist()
+    maps = segmentation.explain(explainer, "gradcam", (torch.rand(5, 3, SIZE, SIZE) * 255)
+                                .to(torch.uint8))
+    assert maps.shape == (5, SIZE, SIZE) and maps.min() >= 0 and maps.max() <= 1
+
+
+@pytest.mark.parametrize("text, expected", [("otsu", ("otsu", None)),
+                                            ("top_percent:30", ("top_percent", 30.0)),
+                                            ("fixed:0.5", ("fixed", 0.5))])
+def test_parse_binarization(text, expected):
+    assert segmentation.parse_binarization(text) == expected
+    assert segmentation.format_binarization(expected) == text
+
+
+@pytest.mark.parametrize("text", ["otsu:3", "fixed", "fixed:1.5", "top_percent:101",
+                                  "top_percent:x", "median"])
+def test_parse_binarization_rejects(text):
+    with pytest.raises(UserError):
+        segmentation.parse_binarization(text)
+
+
+# --- the experiment on a split table --------------------------------------------------------
+
+
+def run_evaluate(tmp_path, masks: bool, methods=("gradcam", "input_gradient")):
+    rows = make_folder(tmp_path / "images", tmp_path / "masks" if masks else None)
+    table = pd.DataFrame(rows)
+    images = ImageCache.build([tmp_path / "images" / p for p in table["path"]], SIZE,
+                              tmp_path / "cache", workers=0, progress=False)
+    net = tiny_net()
+    explainers = [segmentation.backbone_explainer("baseline", net),
+                  segmentation.model_explainer("frozen", net)]
+    written = {}
+
+    def write_mask(model, method, row, mask):
+        written[(model, method, row["path"])] = mask
+
+    settings = GradcamConfig(methods=methods, binarize=("otsu", "top_percent:30"), overlays=2,
+                             max_images=100, batch_size=2)
+    result = segmentation.evaluate(explainers, images, table, settings, seed=0, image_size=SIZE,
+                                   precision="fp32", write_mask=write_mask)
+    return table, result, written
+
+
+def test_evaluate_scores_every_model_method_and_the_trivial_baselines(tmp_path):
+    table, result, written = run_evaluate(tmp_path, masks=True)
+    test = table[table["split"] == "test"]
+    assert result.iou_computed
+    assert result.images == {"val": 3, "val_scored": 3, "test": 3, "test_scored": 3}
+    assert len(result.scores) == 2 * 2 * len(test)  # models x methods x images
+    assert set(result.choices["binarization"]) <= {"otsu", "top_percent:30"}
+    assert result.scores["iou"].between(0, 1).all()
+    # Every test image gets a mask per model and method, at its own size (40 x 52).
+    assert len(written) == 2 * 2 * len(test)
+    assert all(mask.shape == (40, 52) and mask.dtype == bool for mask in written.values())
+    # The full mask's IoU is the foreground fraction of each test mask in the model view.
+    views = [segmentation.align_mask(np.asarray(Image.open(f)) > 127, SIZE)
+             for f in test["mask_file"]]
+    full = result.baselines[result.baselines["baseline"] == "full"]["iou"].to_numpy()
+    np.testing.assert_allclose(full, [v.mean() for v in views])
+    train = table[table["split"] == "train"]["mask_file"]
+    assert result.foreground_fraction == pytest.approx(
+        segmentation.foreground_fraction(train.tolist(), SIZE))
+    # Prototypes come from the training images, one per class, unit norm.
+    prototypes = result.explainers[1].prototypes
+    assert sorted(prototypes) == list(CLASSES)
+    assert all(np.linalg.norm(p) == pytest.approx(1, abs=1e-5) for p in prototypes.values())
+
+    metrics = segmentation.metrics(result)
+    assert metrics["iou_computed"] is True
+    assert set(metrics["baselines"]) == {"ellipse", "full"}
+    assert set(metrics["frozen"]) == {"gradcam", "input_gradient"}
+    assert {"mean_iou", "median_iou", "mean_dice", "binarization"} <= set(
+        metrics["baseline"]["gradcam"])
+    assert set(metrics["best_method"]) == {"baseline", "frozen"}
+    json.dumps(metrics)  # plain types only
+    summary = segmentation.summary_table(result)
+    assert list(summary["model"]) == ["baseline"] * 2 + ["frozen"] * 2 + ["trivial"] * 2
+    per_class = segmentation.per_class_table(result)
+    assert set(per_class["label"]) == set(CLASSES)
+    assert per_class["images"].sum() == 6 * len(test)  # 4 explained + 2 trivial, per image
+    assert segmentation.markdown_table(summary).count("\n") == len(summary) + 2
+
+
+def test_evaluate_without_masks_still_writes_masks_and_says_iou_was_not_computed(tmp_path):
+    _, result, written = run_evaluate(tmp_path, masks=False, methods=("gradcam",))
+    assert not result.iou_computed and result.scores.empty and result.baselines.empty
+    assert len(written) == 2 * 3
+    assert list(result.choices["binarization"]) == ["otsu", "otsu"]  # the first candidate
+    metrics = segmentation.metrics(result)
+    assert metrics["iou_computed"] is False and "not computed" in metrics["reason"]
+    assert "mean_iou" not in metrics["frozen"]["gradcam"]
+    assert segmentation.per_class_table(result).empty
+    figure = figures.iou_histogram(result.scores, {})
+    assert figure is not None
+
+
+def test_overlay_and_histogram_figures(tmp_path):
+    _, result, _ = run_evaluate(tmp_path, masks=True, methods=("gradcam",))
+    shown = result.overlays
+    assert shown.views.shape == (2, 3, SIZE, SIZE)
+    figure = figures.overlays(shown.views, shown.labels, shown.truth, shown.has_truth,
+                              *shown.of_model("frozen"), "title")
+    assert len(figure.axes) == 2 * (2 + 2)
+    figure = figures.iou_histogram(result.scores, {"ellipse": 0.5, "full": 0.3})
+    assert len(figure.axes) == 2
+
+
+def test_choose_rows_is_seeded_sorted_and_capped():
+    first = segmentation.choose_rows(100, 10, seed=3, stream=1)
+    assert len(first) == 10 and (np.diff(first) > 0).all()
+    np.testing.assert_array_equal(first, segmentation.choose_rows(100, 10, seed=3, stream=1))
+    np.testing.assert_array_equal(segmentation.choose_rows(5, 10, 3, 1), np.arange(5))
+
+
+# --- explainer files and the `retrieval segment` command -------------------------------------
+
+
+def prototypes_file(tmp_path, model_file, net):
+    explainer = segmentation.model_explainer("unfrozen", net)
+    rng = np.random.default_rng(0)
+    explainer.prototypes = {c: (v / np.linalg.norm(v)).astype(np.float32)
+                            for c, v in zip(CLASSES, rng.normal(size=(3, 8)), strict=True)}
+    path = tmp_path / "unfrozen.npz"
+    segmentation.save_explainer(path, explainer, model_file, {"gradcam": "top_percent:30"})
+    return path
+
+
+def test_explainer_file_round_trip_and_model_check(tmp_path):
+    net = save_net(tmp_path / "model.pt")
+    path = prototypes_file(tmp_path, tmp_path / "model.pt", net)
+    explainer, checkpoint, chosen = segmentation.load_explainer(tmp_path / "model.pt", path)
+    assert sorted(explainer.prototypes) == list(CLASSES)
+    assert chosen == {"gradcam": "top_percent:30"} and checkpoint["image_size"] == SIZE
+    save_net(tmp_path / "other.pt")
+    with pytest.raises(UserError, match="another model file"):
+        segmentation.load_explainer(tmp_path / "other.pt", path)
+    with pytest.raises(UserError, match="needs class prototypes"):
+        segmentation.load_explainer(tmp_path / "model.pt", None)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    make_folder(tmp_path / "images", tmp_path / "masks", per_class=2)
+    net = save_net(tmp_path / "model.pt")
+    return tmp_path, prototypes_file(tmp_path, tmp_path / "model.pt", net)
+
+
+def test_segment_writes_masks_and_an_iou_table(folder, capsys):
+    tmp_path, prototypes = folder
+    (tmp_path / "images" / "alpha" / "notes.txt").write_text("not an image")
+    code = segmentation.segment_main([
+        str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--masks",
+        str(tmp_path / "masks"), "--model", str(tmp_path / "model.pt"), "--prototypes",
+        str(prototypes), "--device", "cpu"])
+    assert code == 0
+    out = capsys.readouterr()
+    assert "skipped 1 file(s) that are not images: alpha/notes.txt" in out.err
+    assert "wrote 6 masks" in out.out and "top_percent:30" in out.out  # the stored choice
+    masks = sorted((tmp_path / "out").rglob("*.png"))
+    assert len(masks) == 6
+    with Image.open(masks[0]) as mask:
+        assert mask.size == (52, 40) and mask.mode == "L"
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    table = pd.read_csv(tmp_path / "out" / "iou_table.csv")
+    assert (table["mask_status"] == "ok").all() and table["iou"].between(0, 1).all()
+    assert set(table["file"]) == {f"{c}/{i}.png" for c in CLASSES for i in range(2)}
+
+
+def test_segment_without_masks_and_with_a_classifier(tmp_path, capsys):
+    make_folder(tmp_path / "images", per_class=1)
+    save_net(tmp_path / "ce.pt", num_classes=3)
+    code = segmentation.segment_main([
+        str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--model",
+        str(tmp_path / "ce.pt"), "--method", "guided_backprop", "--binarize", "fixed:0.5"])
+    assert code == 0
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 3
+    assert not (tmp_path / "out" / "iou_table.csv").exists()
+    assert "guided_backprop, fixed:0.5" in capsys.readouterr().out
+
+
+def fails_with_one_line(argv, capsys, match):
+    with pytest.raises(SystemExit) as exit_info:
+        segmentation.segment_main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+
+
+def test_segment_errors(folder, capsys):
+    tmp_path, prototypes = folder
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    common = ["--model", str(tmp_path / "model.pt"), "--prototypes", str(prototypes)]
+    fails_with_one_line([str(tmp_path / "nowhere"), "--out", out, *common], capsys,
+                        "does not exist")
+    fails_with_one_line([images, "--out", out, "--masks", str(tmp_path / "nomasks"), *common],
+                        capsys, "masks folder")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"not a jpeg")
+    (junk / "b.txt").write_text("text")
+    fails_with_one_line([str(junk), "--out", out, *common], capsys, "contains no images")
+    fails_with_one_line([images, "--out", str(tmp_path / "images" / "masks"), *common], capsys,
+                        "lies inside")
+    # Model files of another kind: a torchvision state_dict, a text file.
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "state.pt")
+    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "state.pt")], capsys,
+                        "not a checkpoint written by this project")
+    (tmp_path / "text.pt").write_text("hello")
+    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "text.pt")], capsys,
+                        "refusing to load")
+    # An embedding model needs prototypes, and those of its own checkpoint.
+    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "model.pt")], capsys,
+                        "needs class prototypes")
+    save_net(tmp_path / "other.pt")
+    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "other.pt"),
+                         "--prototypes", str(prototypes)], capsys, "another model file")
+    fails_with_one_line([images, "--out", out, *common, "--binarize", "top_percent:200"],
+                        capsys, "percentage")
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"batch_size": 0}, "gradcam_segment.batch_size must be >= 1"),
+    ({"methods": []}, "gradcam_segment.methods is empty"),
+    ({"methods": ["gradcam", "gradcam"]}, "names a method twice"),
+    ({"binarize": ["top_percent:150"]}, "top_percent takes a percentage"),
+    ({"binarize": []}, "gradcam_segment.binarize is empty"),
+    ({"overlays": -1}, "gradcam_segment.overlays must be >= 0"),
+])
+def test_gradcam_params_are_validated(section, message):
+    with pytest.raises(ParamsError, match=message):
+        params_from_dict({"gradcam_segment": section})
+
+
+def test_a_flat_map_gives_an_empty_mask_whatever_the_setting():
+    maps = np.zeros((2, 4, 4), np.float32)
+    maps[1, 0, 0] = 1.0  # one informative map, one flat
+    for setting in [("top_percent", 25.0), ("otsu", None), ("fixed", 0.0)]:
+        masks = segmentation.binarize_maps(maps, setting)
+        assert not masks[0].any() and masks[1, 0, 0]
+    np.testing.assert_array_equal(segmentation.constant_maps(maps), [True, False])
+
+
+def test_choose_setting_takes_the_best_validation_iou_first_on_ties():
+    truth = np.zeros((1, 4, 4), bool)
+    truth[0, :2] = True  # the top half
+    maps = np.zeros((1, 4, 4), np.float32)
+    maps[0, :2] = 1.0
+    maps[0, 2, 0] = 0.5
+    split = segmentation.SplitImages(pd.DataFrame({"label": ["a"]}), np.arange(1), truth,
+                                     np.array([True]), np.array([[4, 4]]))
+    # top 25% is a quarter of the half (IoU 0.5); top 50% and fixed:0.75 find it exactly.
+    candidates = [("top_percent", 25.0), ("top_percent", 50.0), ("fixed", 0.75)]
+    assert segmentation.choose_setting(maps, split, candidates) == (("top_percent", 50.0), 1.0)
