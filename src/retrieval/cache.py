@@ -121,7 +121,10 @@ def array_for(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
 
     file = cache_dir() / "arrays" / f"{name}.npy"
     if file.exists():
-        return np.load(file)
+        try:  # allow_pickle=False: a cache file holding pickled objects is refused, not run
+            return np.load(file, allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            pass  # unreadable or tampered with: recompute and replace it
     array = compute()
     file.parent.mkdir(parents=True, exist_ok=True)
     handle, temp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")

@@ -130,6 +130,7 @@ def index_folder(root: str | Path, masks_root: str | Path | None = None) -> Inde
     rows, excluded = [], []
     missing_masks = mismatched_masks = 0
     for class_dir in class_dirs:
+        kept_before = len(rows)
         for path in _files_below(class_dir):
             relative = path.relative_to(root).as_posix()
             problem = _decode_problem(path)
@@ -142,6 +143,8 @@ def index_folder(root: str | Path, masks_root: str | Path | None = None) -> Inde
                 missing_masks += status == "missing"
                 mismatched_masks += status == "mismatched"
             rows.append((relative, class_dir.name, mask_path))
+        if len(rows) == kept_before:  # listed, so a class that vanished is not a silent surprise
+            excluded.append((f"{class_dir.name}/", "class folder without decodable images"))
     index = pd.DataFrame(rows, columns=["path", "label", "mask_path"])
     if index.empty:
         raise DatasetError(f"dataset folder {root} contains no decodable images")
@@ -235,14 +238,24 @@ def _split_order(column: pd.Series) -> pd.Series:
 
 
 def check_retrieval_possible(table: pd.DataFrame) -> None:
-    """Metric learning needs two classes and a class with two images in train."""
+    """Metric learning needs two classes and a class with two images in train; validation and
+    test pairs (half same-class, half different-class) need the same in val and test."""
     train = table[table["split"] == "train"]
     n_classes = train["label"].nunique()
     if n_classes < 2:
         raise DatasetError(f"the training split has {n_classes} class(es); contrastive "
-                           "training and retrieval need at least 2 classes")
+                           "training and retrieval need at least 2 classes: give data.root "
+                           "one sub-folder per class, two or more")
     if train["label"].value_counts().max() < 2:
         raise DatasetError("no training class has 2 images: positive pairs are impossible")
+    for name in ("val", "test"):
+        counts = table.loc[table["split"] == name, "label"].value_counts()
+        if len(counts) < 2 or counts.max() < 2:
+            found = (f"{len(counts)} class(es)" if len(counts) < 2
+                     else f"{len(counts)} classes of 1 image each")
+            raise DatasetError(
+                f"the {name} split has {found}: its pairs need 2 classes and a class with 2 "
+                f"images: raise split.{name} in params.yaml or add classes / images")
 
 
 @dataclass

@@ -25,10 +25,9 @@ def run_batched(function: Callable[[torch.Tensor], torch.Tensor], images: ImageC
     batches = range(0, len(indices), batch_size)
     with torch.inference_mode(), runtime.autocast(device, precision):
         for start in tqdm(batches, desc=desc, disable=desc is None, unit="batch", leave=False):
-            batch = images.batch(indices[start:start + batch_size])
-            x = transforms.normalize(runtime.to_device(crop(batch), device))
-            outputs.append(function(x.contiguous(memory_format=torch.channels_last))
-                           .float().cpu())
+            x = runtime.model_input(crop(images.batch(indices[start:start + batch_size])),
+                                    device)  # (B, 3, s, s) float32, channels_last
+            outputs.append(function(x).float().cpu())
     if not outputs:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(outputs).numpy()

@@ -27,6 +27,7 @@ from torch import nn
 
 from retrieval.config import ModelConfig
 from retrieval.outputs import UserError
+from retrieval.workspace import resolve
 
 TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}
 
@@ -106,7 +107,7 @@ def torchvision_trunk(name: str, weights: str) -> nn.Sequential:
     else:
         network = builder(weights=None)
         if weights != "none":
-            _load_backbone_file(network, Path(weights), name)
+            _load_backbone_file(network, resolve(weights), name)
     return nn.Sequential(OrderedDict(list(network.named_children())[:-2]))  # drop avgpool and fc
 
 
@@ -116,6 +117,11 @@ def _load_backbone_file(network: nn.Module, path: Path, name: str) -> None:
                         "'imagenet' or 'none'")
     state = load_checkpoint_file(path)
     state = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
+                                              for v in state.values()):
+        raise UserError(f"model.weights file {path} holds a {type(state).__name__}, not a "
+                        f"state_dict of {name} weights: save one with "
+                        "torch.save(model.state_dict(), path)")
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
     try:
         missing, unexpected = network.load_state_dict(state, strict=False)
@@ -214,8 +220,10 @@ def save_checkpoint(path: str | Path, model: EmbeddingNet, extra: dict) -> None:
 
     state = {"state_dict": model.state_dict(), "model_config": dataclasses.asdict(model.config),
              "num_classes": model.classifier.out_features if model.classifier else 0, **extra}
-    with atomic_path(path) as temp:
-        torch.save(state, temp)
+    # Through a file object: given a path, torch.save names the archive's inner folder after
+    # the (random) temporary file, and two identical models would differ byte for byte.
+    with atomic_path(path) as temp, open(temp, "wb") as stream:
+        torch.save(state, stream)
 
 
 def load_checkpoint_file(path: str | Path) -> dict:

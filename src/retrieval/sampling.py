@@ -13,6 +13,15 @@ Mining uses FAISS exact search on squared Euclidean distances and never builds a
 import faiss
 import numpy as np
 
+from retrieval.outputs import UserError
+
+
+class InfeasibleSampleError(UserError):
+    """The data cannot supply what the params ask for (e.g. more classes per batch than exist).
+
+    A ValueError, like every argument error here; as a UserError a stage reports it in one line
+    with exit code 2 instead of a traceback."""
+
 # Rows of sample_pairs / sample_hard_pairs: [i, j, same] with same = 1 for a same-class pair
 # (the convention of losses.ContrastiveLoss).
 PAIR_COLUMNS = ("i", "j", "same")
@@ -73,12 +82,12 @@ class _Classes:
 
 def _check_sampleable(classes: _Classes) -> None:
     if len(classes.size) < 2:
-        raise ValueError(
+        raise InfeasibleSampleError(
             f"expected labels with at least 2 classes, found {len(classes.size)}: "
             "check the train split"
         )
     if classes.size.max() < 2:
-        raise ValueError(
+        raise InfeasibleSampleError(
             "expected at least one class with 2 or more images, found only singletons: "
             "check the train split"
         )
@@ -286,7 +295,7 @@ def random_negatives(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
     """For each anchor, a uniformly random index of another class, shape (N,)."""
     classes = _Classes(labels)
     if len(classes.size) < 2:
-        raise ValueError(
+        raise InfeasibleSampleError(
             f"expected labels with at least 2 classes, found {len(classes.size)}: "
             "check the train split"
         )
@@ -361,9 +370,10 @@ def class_balanced_batches(
     classes = _Classes(labels)
     usable = np.flatnonzero(classes.size >= 2)
     if len(usable) < per_batch:
-        raise ValueError(
+        raise InfeasibleSampleError(
             f"batch_size / images_per_class = {per_batch} classes per batch, but only "
-            f"{len(usable)} classes have 2 or more images: lower batch_size or check the split"
+            f"{len(usable)} classes have 2 or more images: lower train.batch_size (or raise "
+            "train.images_per_class) in params.yaml"
         )
     rng = _rng(seed, epoch, stream=5)
     k = images_per_class
