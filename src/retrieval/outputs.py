@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Callable, Iterator
@@ -78,6 +79,9 @@ def save_figure(figure: Any, path: str | Path, dpi: int = 110) -> None:
 
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage or command: user errors become one line on stderr and exit code 2."""
+    # A shell that starts a job in the background without job control makes it ignore SIGINT,
+    # and that is inherited through `dvc repro`: restore it so Ctrl-C always stops cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         main()
     except (UserError, FileNotFoundError) as error:

@@ -120,9 +120,6 @@ def test_a_write_interrupted_midway_leaves_the_previous_file_and_no_debris(tmp_p
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(strict=False, reason="known issue: on an idle machine a SIGINT sent to the "
-                   "`dvc repro` process group right after an epoch's checkpoint was once ignored "
-                   "and training ran to the end; under load it passes. Under investigation.")
 def test_ctrl_c_and_sigkill_mid_epoch_then_repro_resumes_to_the_same_result(trained_repo,
                                                                            tmp_path):
     repo = trained_repo
