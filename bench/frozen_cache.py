@@ -30,6 +30,9 @@ def fit(net, encoder, split, cfg, workdir: Path) -> None:
                      EPOCHS, 0, Path(temp) / "resume.pt", "bench")
 
 
+FEATURE_PASS_S: list[float] = []  # the cached side's one-off feature pass, per call
+
+
 def cached(backbone: str, images, size: int, split: dict, cfg, workdir: Path) -> float:
     started = time.perf_counter()
     net = runtime.prepare_model(common.embedding_net(backbone), torch.device("cpu"))
@@ -37,6 +40,7 @@ def cached(backbone: str, images, size: int, split: dict, cfg, workdir: Path) ->
     needed = np.concatenate([split["train"], split["val"]])
     features = training.frozen_features(net, images, needed, size, torch.device("cpu"),
                                         PRECISION)
+    FEATURE_PASS_S.append(time.perf_counter() - started)
     full = torch.zeros((len(images), *features.shape[1:]))
     full[needed] = torch.from_numpy(features)
     fit(net, training.FrozenEncoder(net, full, torch.device("cpu")), split, cfg, workdir)
@@ -70,17 +74,22 @@ def run(quick: bool, workdir: Path) -> common.Result:
     }, rounds=1, warmup=False)
     speedup = times["recomputed"][0] / times["cached"][0]
     work = backbone_images(split, cfg)
+    feature_pass = FEATURE_PASS_S[-1]
+    head = times["cached"][0] - feature_pass
     notes = [] if speedup >= 8 else [
-        f"The cache turns {work['recomputed']:,} backbone forward passes (10 epochs of "
+        f"Cached side: the one-off feature pass took {feature_pass:.1f} s and {EPOCHS} epochs "
+        f"of head training {head:.1f} s ({head / EPOCHS:.2f} s an epoch, spent in fit's "
+        "validation, history and a resume checkpoint that saves the frozen trunk too), "
+        f"against {times['recomputed'][0]:.0f} s recomputing. The cache turns "
+        f"{work['recomputed']:,} backbone forward passes (10 epochs of "
         f"{2 * cfg.pairs_per_epoch} pair images, plus validation on {work['per_validation']} "
         f"images before the first and after every epoch) into {work['cached']:,} (every "
-        f"train and val image once), so the speed-up cannot exceed "
-        f"{work['recomputed'] / work['cached']:.1f}× here; the head's own training, "
-        "validation and checkpoints come on top of the cached side. The bound is set by the "
-        "workload, not the code: with params.yaml's Caltech-101 numbers (1000 pairs per "
-        "epoch, ~6,400 train and ~1,370 val images) it is ~6× at 10 epochs and ~12× at "
-        "train_frozen's default 20; from the second experiment on, the features come from "
-        "the content-addressed cache and the backbone does not run at all."]
+        f"train and val image once): a ceiling of {work['recomputed'] / work['cached']:.1f}× "
+        "even with free head epochs. With params.yaml's Caltech-101 numbers (1000 pairs per "
+        "epoch, ~6,400 train and ~1,370 val images) that ceiling is ~6× at 10 epochs and "
+        "~12× at train_frozen's default 20: the target depends on the workload more than on "
+        "the code. From the second experiment on, the features come from the "
+        "content-addressed cache and the backbone does not run at all."]
     return common.Result(
         row=3, name="frozen_cache",
         what=f"train_frozen, {EPOCHS} epochs: backbone-feature cache vs recomputing features",
@@ -90,7 +99,8 @@ def run(quick: bool, workdir: Path) -> common.Result:
         figure=f"{speedup:.1f}× ({times['recomputed'][0]:.0f} s → {times['cached'][0]:.1f} s)",
         target="≥ 8×", passed=speedup >= 8,
         details={"speedup": speedup, "cached_s": times["cached"][0],
-                 "recomputed_s": times["recomputed"][0], "backbone_images": work},
+                 "recomputed_s": times["recomputed"][0], "backbone_images": work,
+                 "feature_pass_s": feature_pass, "head_training_s": head},
         notes=notes)
 
 
