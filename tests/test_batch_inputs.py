@@ -45,7 +45,9 @@ def test_batch_augment_without_randomness_is_resize_then_normalize():
 
 def test_colour_map_is_torchvision_jitter_then_normalize():
     augment = training.BatchAugment(16, AugmentConfig(enabled=True, color_jitter=0.4))
-    x = 70 + 110 * torch.rand(6, 3, 8, 8)  # mid-range values: torchvision never clamps them
+    # Narrow mid-range values (seeded): even three 1.4x jitters stay inside [0, 1], so
+    # torchvision never clamps and the affine map must match it exactly.
+    x = 110 + 30 * torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     torch.manual_seed(3)
     matrix, offset = augment._colour_map(x.mean(dim=(2, 3)))
     torch.manual_seed(3)  # replay the draws: factors (B, 3), then the order per image
