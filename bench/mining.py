@@ -2,13 +2,12 @@
 
 Random 128-d unit vectors in 100 classes. Beside each run, the two floors under it on this
 machine, as a profile of where the time goes: the plain FAISS self-search for the same k
-(``faiss.knn``, no class handling) and the bare matrix product of the N x N distances (torch
-``mm`` in 4096-row chunks, results discarded), which no exact method can avoid.
+(``faiss.knn``, no class handling) and for k = 1, which is little more than the N x N x D
+distance products that no exact method can avoid.
 """
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import common
@@ -26,26 +25,17 @@ def unit_vectors(n: int, seed: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def gemm_floor(x: np.ndarray, tile: int = 1024) -> float:
-    """Seconds for the N x N x D distance products alone: fp32, all threads, in tiles whose
-    (tile, tile) results stay in cache, as FAISS computes them (results discarded)."""
-    t = torch.from_numpy(x)
-    out = torch.empty(tile, tile)
-    started = time.perf_counter()
-    for i in range(0, len(t), tile):
-        queries = t[i:i + tile]
-        for j in range(0, len(t), tile):
-            base = t[j:j + tile]
-            torch.mm(queries, base.T, out=out[:len(queries), :len(base)])
-    return time.perf_counter() - started
-
-
 def measure(n: int) -> dict:
     x = unit_vectors(n, 0)
     labels = np.random.default_rng(1).integers(0, CLASSES, n)
     mine = common.seconds(lambda: sampling.mine_hard_negatives(x, labels, K, seed=0, epoch=1))
     knn = common.seconds(lambda: faiss.knn(x, x, K + 1))
-    return {"n": n, "mine_s": mine, "faiss_self_knn_s": knn, "gemm_s": gemm_floor(x)}
+    nearest = common.seconds(lambda: faiss.knn(x, x, 1))  # ~ the distance products alone
+    group = x[:2000]  # one in-group search of nearest_other_class (two classes of ~1,000)
+    deep = common.seconds(lambda: faiss.knn(group, group, min(K + n // CLASSES, 2000)))
+    shallow = common.seconds(lambda: faiss.knn(group, group, K))
+    return {"n": n, "mine_s": mine, "faiss_self_knn_s": knn, "faiss_self_top1_s": nearest,
+            "group_search_deep_s": deep, "group_search_top30_s": shallow}
 
 
 def run(quick: bool, workdir: Path) -> common.Result:
@@ -57,19 +47,22 @@ def run(quick: bool, workdir: Path) -> common.Result:
     notes = []
     if not passed:
         big = rows[-1]
+        handling = 1 - big["faiss_self_knn_s"] / big["mine_s"]
         notes.append(
             f"Mining {big['n']:,} embeddings took {big['mine_s']:.0f} s. Measured in the same "
             f"run: a plain FAISS self-search for the top {K + 1} (no class handling) takes "
-            f"{big['faiss_self_knn_s']:.0f} s, of which the fp32 N×N×D matrix products alone "
-            f"take {big['gemm_s']:.0f} s on {torch.get_num_threads()} threads (the rest is "
-            "top-k selection over N² distances). So about half of the refresh is "
-            "sampling.nearest_other_class's class handling: each group of classes is searched "
-            "again for k + the largest class's size neighbours (here ~1,000 + 30), and FAISS's "
-            "heaps that deep cost far more than the top 30. Computing the in-group distances "
-            "directly (a group is ≤ ~2,000 rows: a 16 MB block, masked, then argpartition) "
-            "would bring the refresh near the plain search, under the target on this machine; "
-            "beyond that, only more cores or a GPU (faiss-gpu) shorten the exact search, or "
-            "mining a seeded subset of anchors per epoch.")
+            f"{big['faiss_self_knn_s']:.0f} s, and for the top 1 (about the N×N×D distance "
+            f"products alone) {big['faiss_self_top1_s']:.0f} s on {torch.get_num_threads()} "
+            f"threads. So {handling:.0%} of the refresh is sampling.nearest_other_class's "
+            "class handling: each group of classes is searched again for k + the largest "
+            f"class's size neighbours (here {K + big['n'] // CLASSES:,}): one 2,000 x 2,000 "
+            f"group search took {1000 * big['group_search_deep_s']:.0f} ms at that depth vs "
+            f"{1000 * big['group_search_top30_s']:.0f} ms for the top 30, times ~"
+            f"{big['n'] // 2000} groups. Computing the in-group distances directly (a group is "
+            "≤ ~2,000 rows: a 16 MB block, masked, then argpartition) would bring the refresh "
+            "down to the plain search. The rest is the exact search itself, bound by the "
+            "distance products on 2 cores: only more cores or a GPU (faiss-gpu) shorten it, "
+            "or mining a seeded subset of anchors per epoch.")
     return common.Result(
         row=6, name="mining",
         what="Hard-negative mining refresh (top-30 other-class neighbours)",
