@@ -13,6 +13,9 @@ reports it) and test precision@1 (every test image queries the other test images
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from retrieval.embed import run_batched
 
 CPU = torch.device("cpu")
 TRAIN_EPOCHS = 8
+KERNELS = ("forward_training", "backward_data", "backward_weights")  # oneDNN's prop kinds
 # The issue's model, and the one the Caltech-101 pipeline of row 8 runs.
 SPEED_MODELS = {False: [("resnet50", 224), ("resnet18", 160)], True: [("cifar_resnet", 32)]}
 CONFIGS = {"fp32 NCHW": ("fp32", False), "fp32 channels_last": ("fp32", True),
@@ -178,6 +182,65 @@ def results(quick: bool, workdir: Path) -> tuple[dict[str, dict[str, float]], di
                  "test_images": len(data["test"]), "size": data["size"]}
 
 
+_PROFILE_STEP = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+import common, numerics
+net = numerics.runtime.prepare_model(common.embedding_net(sys.argv[2]), numerics.CPU)
+x = torch.randn(32, 3, int(sys.argv[3]), int(sys.argv[3]))
+x = x.contiguous(memory_format=torch.channels_last)
+numerics.forward_backward(net, x, 32, sys.argv[4])  # creates the primitives
+print("PROFILE-START", flush=True)
+numerics.forward_backward(net, x, 32, sys.argv[4])
+"""
+
+
+def onednn_profile(backbone: str, size: int) -> dict[str, dict[str, float]]:
+    """oneDNN's own profile (ONEDNN_VERBOSE) of one training step of 32: milliseconds spent in
+    convolution forward, backward-data and backward-weights kernels, per precision."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        log = subprocess.run([sys.executable, "-c", _PROFILE_STEP, str(Path(__file__).parent),
+                              backbone, str(size), precision], capture_output=True, text=True,
+                             env={**os.environ, "ONEDNN_VERBOSE": "1"}, check=True).stdout
+        kinds: dict[str, float] = {}
+        for line in log.split("PROFILE-START", 1)[-1].splitlines():
+            fields = line.split(",")
+            if len(fields) > 8 and fields[3] == "exec" and fields[5] == "convolution":
+                kinds[fields[7]] = kinds.get(fields[7], 0.0) + float(fields[-1])
+        out[precision] = kinds
+    return out
+
+
+def bf16_training_notes(speed: list[dict]) -> list[str]:
+    """Where bf16 autocast makes training slower than fp32 channels_last, say so, with a profile."""
+    notes = []
+    for model in dict.fromkeys(r["model"] for r in speed):
+        rate = {r["config"]: r["images_per_s"] for r in speed
+                if r["model"] == model and r["task"] == "train"}
+        if rate["bf16 channels_last"] >= rate["fp32 channels_last"]:
+            continue
+        backbone, size = model.split()[0], int(model.split()[1])
+        profile = onednn_profile(backbone, size)
+        slower = [k for k in KERNELS if profile["bf16"].get(k, 0) > profile["fp32"].get(k, 0)]
+        notes.append(
+            f"In this run bf16 autocast trained {model} slower than fp32 channels_last: "
+            f"{rate['bf16 channels_last']:.1f} against {rate['fp32 channels_last']:.1f} "
+            "images/s. oneDNN's own profile of one training step of 32 taken right after "
+            "(ONEDNN_VERBOSE; convolution forward / backward-data / backward-weights): "
+            + " / ".join(f"{profile['bf16'].get(k, 0):.0f}" for k in KERNELS)
+            + " ms in bf16 against " + " / ".join(f"{profile['fp32'].get(k, 0):.0f}"
+                                                   for k in KERNELS) + " ms in fp32. "
+            + (f"The bf16 {' and '.join(slower)} kernels are the slow part (this CPU has "
+               "AVX-512 BF16 but no AMX). " if slower else
+               "bf16 is faster in every kernel there, so the slowdown depends on the load: "
+               "the machine is shared, and bf16's backward-weights kernels lose far more than "
+               "fp32's when other processes take the cores. ")
+            + "`precision` is one param for extraction and training; a training-only "
+            "override would let a busy or AMX-less CPU train in fp32 and still extract in bf16.")
+    return notes
+
+
 def speed_table(quick: bool, workdir: Path) -> list[dict]:
     rows = []
     for backbone, size in SPEED_MODELS[quick]:
@@ -227,7 +290,8 @@ def run(quick: bool, workdir: Path) -> common.Result:
                 f"bf16: P@1 {train_bf16['test_precision_at_1_change_points']:+.1f} pt)"),
         target="≥ 2.5× for bf16 extraction with P@1 within 1 point; channels_last on by default",
         passed=passed, details={"speed": speed, "scores": scored, "data": data,
-                                "channels_last_default": channels_last_default})
+                                "channels_last_default": channels_last_default},
+        notes=bf16_training_notes(speed) if not quick else [])
 
 
 def _models(speed: list[dict]) -> list[tuple[str, None]]:
