@@ -128,15 +128,18 @@ def brute_force_other_class(emb, labels, k):
     return np.take_along_axis(d2, idx, axis=1), idx
 
 
-# (rows per class group, queries per FAISS call): one class per group (outside slices only),
-# mixed groups with chunked queries, and everything in one group (in-group search only)
-SEARCH_LAYOUTS = [(1, 16384), (120, 50), (1024, 16384)]
+# (rows per class group, queries per FAISS call, elements per in-group distance block): one
+# class per group (outside slices only), mixed groups with chunked queries and blocks, and
+# everything in one group (in-group search only), in one block and in single-query blocks
+SEARCH_LAYOUTS = [(1, 16384, 1 << 24), (120, 50, 1000), (1024, 16384, 1 << 24), (1024, 64, 1)]
 
 
-@pytest.mark.parametrize(("group_rows", "query_chunk"), SEARCH_LAYOUTS)
-def test_nearest_other_class_equals_brute_force(random_data, monkeypatch, group_rows, query_chunk):
+@pytest.mark.parametrize(("group_rows", "query_chunk", "block"), SEARCH_LAYOUTS)
+def test_nearest_other_class_equals_brute_force(random_data, monkeypatch, group_rows, query_chunk,
+                                                block):
     monkeypatch.setattr(sampling, "_GROUP_ROWS", group_rows)
     monkeypatch.setattr(sampling, "_QUERY_CHUNK", query_chunk)
+    monkeypatch.setattr(sampling, "_BLOCK_ELEMENTS", block)
     emb, labels = random_data
     dist, idx = nearest_other_class(emb, labels, k=7)
     ref_dist, ref_idx = brute_force_other_class(emb, labels, k=7)
@@ -145,10 +148,12 @@ def test_nearest_other_class_equals_brute_force(random_data, monkeypatch, group_
     np.testing.assert_allclose(dist, ref_dist, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize(("group_rows", "query_chunk"), SEARCH_LAYOUTS)
-def test_nearest_other_class_pads_when_too_few_others(monkeypatch, group_rows, query_chunk):
+@pytest.mark.parametrize(("group_rows", "query_chunk", "block"), SEARCH_LAYOUTS)
+def test_nearest_other_class_pads_when_too_few_others(monkeypatch, group_rows, query_chunk,
+                                                      block):
     monkeypatch.setattr(sampling, "_GROUP_ROWS", group_rows)
     monkeypatch.setattr(sampling, "_QUERY_CHUNK", query_chunk)
+    monkeypatch.setattr(sampling, "_BLOCK_ELEMENTS", block)
     # class 0 has 3 others, class 1 has 2: k = 4 leaves padding
     emb = np.array([[0.0], [1.0], [5.0], [6.0], [7.0]], dtype=np.float32)
     labels = np.array([0, 0, 1, 1, 1])

@@ -187,6 +187,35 @@ def _class_groups(size: np.ndarray, min_rows: int) -> list[tuple[int, int]]:
     return groups
 
 
+# Elements of one in-group distance block (queries x group rows): 64 MiB of float32.
+_BLOCK_ELEMENTS = 1 << 24
+
+
+def _other_class_block_knn(
+    queries: np.ndarray, query_class: np.ndarray, base: np.ndarray, base_class: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` nearest rows of ``base`` of another class than each query, by squared distance:
+    ``(distances, indices)``, (n, min(k, len(base))), padded with (inf, -1) where too few."""
+    k = min(k, len(base))
+    distances = np.empty((len(queries), k), dtype=np.float32)
+    indices = np.empty((len(queries), k), dtype=np.int64)
+    base_norms = np.einsum("ij,ij->i", base, base)
+    step = max(1, _BLOCK_ELEMENTS // len(base))
+    for q0 in range(0, len(queries), step):
+        q = queries[q0:q0 + step]
+        d = np.einsum("ij,ij->i", q, q)[:, None] + base_norms[None, :] - 2 * (q @ base.T)
+        np.maximum(d, 0, out=d)  # rounding can make an exact duplicate's distance negative
+        d[query_class[q0:q0 + step, None] == base_class[None, :]] = np.inf
+        part = np.argpartition(d, k - 1, axis=1)[:, :k] if k < len(base) else \
+            np.broadcast_to(np.arange(len(base)), d.shape)
+        part_d = np.take_along_axis(d, part, axis=1)
+        order = np.argsort(part_d, axis=1, kind="stable")
+        distances[q0:q0 + step] = np.take_along_axis(part_d, order, axis=1)
+        found = np.take_along_axis(part, order, axis=1)
+        indices[q0:q0 + step] = np.where(np.isfinite(distances[q0:q0 + step]), found, -1)
+    return distances, indices
+
+
 def _knn_merge(
     dist: list[np.ndarray], idx: list[np.ndarray], k: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -213,10 +242,11 @@ def nearest_other_class(
     Exact search, never an N x N matrix. The rows are regrouped class by class and consecutive
     classes merged into groups of at least ``_GROUP_ROWS`` rows (so that each FAISS call has
     enough queries for its BLAS path, even with thousands of tiny classes). Everything outside a
-    group is two contiguous slices, searched with ``faiss.knn`` for ``k`` neighbours each; the
-    group itself is searched for ``k + largest class in the group`` neighbours, same-class
-    hits dropped; the candidate lists are merged. Cost: one N x N x D distance computation in
-    FAISS's BLAS tiles (plus a small in-group term); memory O(N k).
+    group is two contiguous slices, searched with ``faiss.knn`` for ``k`` neighbours each; inside
+    the group, distances are computed block by block, same-class entries masked, and the k
+    smallest kept (a FAISS search there would need ``k + largest class`` neighbours, whose deep
+    heaps cost 8x a top-30 search); the candidate lists are merged. Cost: one N x N x D
+    distance computation; memory O(N k) plus one bounded block.
 
     Timings: see ``mine_hard_negatives``.
     """
@@ -239,7 +269,6 @@ def nearest_other_class(
             (off, base) for off, base in ((0, grouped[:lo]), (hi, grouped[hi:])) if len(base)
         ]
         group_classes = np.unique(grouped_class[lo:hi])
-        k_inside = int(min(k + classes.size[group_classes].max(), hi - lo))
         for q0 in range(lo, hi, _QUERY_CHUNK):
             q1 = min(q0 + _QUERY_CHUNK, hi)
             queries = grouped[q0:q1]  # (n, D)
@@ -249,11 +278,10 @@ def nearest_other_class(
                 dist.append(d)
                 idx.append(i + offset)
             if len(group_classes) > 1:
-                d, i = faiss.knn(queries, grouped[lo:hi], k_inside)  # (n, k_inside)
-                i = i + lo
-                same = grouped_class[i] == grouped_class[q0:q1, None]
-                dist.append(np.where(same, np.inf, d))
-                idx.append(np.where(same, -1, i))
+                d, i = _other_class_block_knn(queries, grouped_class[q0:q1], grouped[lo:hi],
+                                              grouped_class[lo:hi], k)
+                dist.append(d)
+                idx.append(np.where(i >= 0, i + lo, -1))
             d, i = _knn_merge(dist, idx, k)
             rows = classes.order[q0:q1]
             distances[rows] = d

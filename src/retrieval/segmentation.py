@@ -651,18 +651,15 @@ def segment_folder(args: argparse.Namespace) -> pd.DataFrame:
         raise UserError(f"{model_file} does not record its image size: pass --image-size")
     setting = parse_binarization(args.binarize or chosen.get(args.method, "otsu"))
     explainer.model.to(runtime.resolve_device(args.device))
+    _refuse_stem_clashes(images_dir)
 
-    rows, skipped, written = [], [], set()
+    rows, skipped = [], []
     for batch in _decoded_batches(images_dir, args.batch_size, skipped):
         views = torch.stack([transforms.eval_crop(image_size)(
             transforms.decode_transform(image_size)(image)) for _, image in batch])
         masks = binarize_maps(explain(explainer, args.method, views), setting)
         for (relative, image), mask in zip(batch, masks, strict=True):
             target = out / relative.with_suffix(".png")
-            if target in written:
-                raise UserError(f"two images would both write {target} (same folder and "
-                                "stem): rename one of them")
-            written.add(target)
             write_mask_png(target, restore_mask(mask, image.height, image.width))
             rows.append({"file": relative.as_posix(), "mask": str(target),
                          "foreground_fraction": float(mask.mean()),
@@ -704,6 +701,27 @@ def _decoded_batches(folder: Path, batch_size: int, skipped: list[str]
             batch = []
     if batch:
         yield batch
+
+
+def _refuse_stem_clashes(folder: Path) -> None:
+    """Two images with one folder and stem would write one mask file: refuse before writing any.
+    Only files sharing a stem are opened (a header read), so the check costs nothing usually."""
+    by_stem: dict[Path, list[Path]] = {}
+    for path in _files(folder):
+        by_stem.setdefault(path.relative_to(folder).with_suffix(""), []).append(path)
+    for stem, paths in by_stem.items():
+        images = [p for p in paths if len(paths) > 1 and _is_image(p)]
+        if len(images) > 1:
+            raise UserError(f"{images[0]} and {images[1]} would both write the mask "
+                            f"{stem.with_suffix('.png')} (same folder and stem): rename one")
+
+
+def _is_image(path: Path) -> bool:
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
 
 
 def _files(folder: Path) -> list[Path]:

@@ -492,9 +492,6 @@ def test_segment_bad_input(files, capsys, tmp_path, case, message):
 
 
 @needs("segment")
-@pytest.mark.xfail(reason="segmentation.segment_folder finds the clash only after writing the "
-                          "first mask: check names before writing (owner of segmentation.py)",
-                   strict=False)
 def test_segment_refuses_two_images_with_one_stem_before_writing(files, capsys, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -503,5 +500,5 @@ def test_segment_refuses_two_images_with_one_stem_before_writing(files, capsys, 
     out = tmp_path / "masks"
     code, _, err = call(["segment", images, "--out", out, "--model", files / "model.pt",
                          "--device", "cpu"], capsys)
-    assert code == 2 and "same folder and stem" in err
+    assert code == 2 and "same folder and stem" in err and err.count("\n") == 1
     assert not out.exists() or not any(out.rglob("*.png"))
