@@ -10,15 +10,12 @@ Writes: models/train_frozen/best.pt, plots/train_frozen/{history.csv,curves.png}
         metrics/train_frozen.json, metrics/timing/train_frozen.json
 """
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
 from retrieval import cache, config, data, models, outputs, runtime, tracking, training, workspace
 
 STAGE = "train_frozen"
-OUT, PLOTS = Path("models") / STAGE, Path("plots") / STAGE
 
 
 def main() -> None:
@@ -57,23 +54,12 @@ def main() -> None:
             params.train_frozen.epochs, params.seed,
             workspace.cache_dir() / "resume" / f"{STAGE}-{run_id}.pt", run_id,
             on_epoch=lambda epoch, row: run.log_metrics(row, step=epoch),
-            save_best=lambda state, epoch, row: models.save_checkpoint(
-                OUT / "best.pt", net, {"epoch": epoch, "metrics": row, "stage": STAGE,
-                                       "classes": split.classes, "image_size": size}))
-        net.load_state_dict(result.best_state)
-        models.save_checkpoint(OUT / "best.pt", net, {
-            "epoch": result.best_epoch, "stage": STAGE, "threshold": result.threshold,
-            "classes": split.classes, "image_size": size})
-        training.write_history(result.history, PLOTS / "history.csv", PLOTS / "curves.png",
-                               f"{STAGE}: {t.loss} loss, backbone frozen")
-        summary = {**training.summary_metrics(result),
-                   "pretrained_weights": params.model.weights != "none"}
-        outputs.write_json(f"metrics/{STAGE}.json", summary)
-        outputs.write_json(f"metrics/timing/{STAGE}.json", training.timing_metrics(result))
-        run.log_metrics(summary, to_parent=True)
-        run.log_metrics(training.timing_metrics(result))
-        run.set_tags({"pretrained_weights": params.model.weights != "none"})
-        run.log_artifact(PLOTS)
+            save_best=training.best_checkpoint_writer(STAGE, net, split, size))
+        pretrained = params.model.weights != "none"
+        training.finish_stage(STAGE, net, result, split, size,
+                              f"{STAGE}: {t.loss} loss, backbone frozen", run,
+                              {"pretrained_weights": pretrained})
+        run.set_tags({"pretrained_weights": pretrained})
 
 
 if __name__ == "__main__":

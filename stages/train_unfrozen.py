@@ -12,14 +12,12 @@ Writes: models/train_unfrozen/best.pt, plots/train_unfrozen/{history.csv,curves.
 """
 
 import contextlib
-from pathlib import Path
 
 import torch
 
 from retrieval import cache, config, data, models, outputs, runtime, tracking, training, workspace
 
 STAGE = "train_unfrozen"
-OUT, PLOTS = Path("models") / STAGE, Path("plots") / STAGE
 
 
 def main() -> None:
@@ -55,22 +53,11 @@ def main() -> None:
             net, encoder, optimizer, split.train_idx, split.val_idx, split.labels, t, u.epochs,
             params.seed, workspace.cache_dir() / "resume" / f"{STAGE}-{run_id}.pt", run_id,
             on_epoch=lambda epoch, row: run.log_metrics(row, step=epoch),
-            save_best=lambda state, epoch, row: models.save_checkpoint(
-                OUT / "best.pt", net, {"epoch": epoch, "metrics": row, "stage": STAGE,
-                                       "classes": split.classes, "image_size": size}))
+            save_best=training.best_checkpoint_writer(STAGE, net, split, size))
         if runtime.is_main_process():
-            net.load_state_dict(result.best_state)
-            models.save_checkpoint(OUT / "best.pt", net, {
-                "epoch": result.best_epoch, "stage": STAGE, "threshold": result.threshold,
-                "classes": split.classes, "image_size": size})
-            training.write_history(result.history, PLOTS / "history.csv", PLOTS / "curves.png",
-                                   f"{STAGE}: {t.loss} loss, backbone from {u.unfreeze_from}")
-            summary = training.summary_metrics(result)
-            outputs.write_json(f"metrics/{STAGE}.json", summary)
-            outputs.write_json(f"metrics/timing/{STAGE}.json", training.timing_metrics(result))
-            run.log_metrics(summary, to_parent=True)
-            run.log_metrics(training.timing_metrics(result))
-            run.log_artifact(PLOTS)
+            training.finish_stage(STAGE, net, result, split, size,
+                                  f"{STAGE}: {t.loss} loss, backbone from {u.unfreeze_from}",
+                                  run, {"pretrained_weights": params.model.weights != "none"})
     runtime.shutdown_distributed()
 
 

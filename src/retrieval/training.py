@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from retrieval import losses, metrics, runtime, sampling, transforms
+from retrieval import losses, metrics, models, outputs, runtime, sampling, transforms
 from retrieval.cache import ImageCache
 from retrieval.config import AugmentConfig, TrainConfig
 from retrieval.embed import run_batched
@@ -587,8 +587,37 @@ def frozen_features(net: EmbeddingNet, images: ImageCache, indices: np.ndarray,
                        desc="backbone features (once)")
 
 
+def best_checkpoint_writer(stage: str, net: EmbeddingNet, data: TrainingData,
+                           image_size: int) -> Callable[[dict, int, dict], None]:
+    """``fit``'s ``save_best``: the best weights so far go to disk at once, so a crash keeps
+    them (``net`` holds them at that moment)."""
+    return lambda state, epoch, row: models.save_checkpoint(
+        Path("models") / stage / "best.pt", net,
+        {"epoch": epoch, "metrics": row, "stage": stage, "classes": data.classes,
+         "image_size": image_size})
+
+
+def finish_stage(stage: str, net: EmbeddingNet, result: FitResult, data: TrainingData,
+                 image_size: int, title: str, run, extra_metrics: dict | None = None) -> dict:
+    """After ``fit``: the best weights and the threshold chosen on val into
+    ``models/<stage>/best.pt``, the history CSV and curves under ``plots/<stage>/``, the metrics
+    and timing JSON, and all of it to the stage's MLflow ``run``. Returns the metrics."""
+    net.load_state_dict(result.best_state)
+    models.save_checkpoint(Path("models") / stage / "best.pt", net, {
+        "epoch": result.best_epoch, "stage": stage, "threshold": result.threshold,
+        "classes": data.classes, "image_size": image_size})
+    plots = Path("plots") / stage
+    write_history(result.history, plots / "history.csv", plots / "curves.png", title)
+    summary = {**summary_metrics(result), **(extra_metrics or {})}
+    outputs.write_json(f"metrics/{stage}.json", summary)
+    outputs.write_json(f"metrics/timing/{stage}.json", timing_metrics(result))
+    run.log_metrics(summary, to_parent=True)
+    run.log_metrics(timing_metrics(result))
+    run.log_artifact(plots)
+    return summary
+
+
 def write_history(history: pd.DataFrame, csv_path: Path, figure_path: Path, title: str) -> None:
-    from retrieval import outputs
     from retrieval.plots import training as training_plots
 
     outputs.write_csv(csv_path, history)
