@@ -102,6 +102,54 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
                      tmp_path / "n.pt", "f")
 
 
+def test_non_finite_loss_keeps_the_best_weights_so_far(tmp_path):
+    images, labels, train_idx, val_idx = colour_classes()
+    torch.manual_seed(0)
+    net = models.EmbeddingNet(config.ModelConfig(backbone="cifar_resnet", cifar_n=1,
+                                                 hidden_dim=16, embedding_dim=8))
+    encoder = training.ImageEncoder(net, images, 32, config.AugmentConfig(enabled=False),
+                                    torch.device("cpu"), "fp32")
+    cfg = config.TrainConfig(pairs_per_epoch=64, val_pairs=20, batch_size=16)
+    optimizer = training.build_optimizer(net, "adam", 1e-3, 0.0, 0.9)
+    good = {}
+
+    def poison_after_first_epoch(epoch, row):
+        good.update({k: v.clone() for k, v in net.state_dict().items()})
+        with torch.no_grad():
+            net.head[0].weight.fill_(float("nan"))
+
+    saved = []
+    with pytest.raises(training.NonFiniteLossError, match="epoch 2"):
+        training.fit(net, encoder, optimizer, train_idx, val_idx, labels, cfg, 3, 0,
+                     tmp_path / "n.pt", "f", on_epoch=poison_after_first_epoch,
+                     save_best=lambda state, epoch, row: saved.append((state, epoch)))
+    assert len(saved) == 1
+    state, epoch = saved[0]
+    assert epoch in (0, 1) and set(state) == set(net.state_dict())
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    if epoch == 1:
+        assert all(torch.equal(state[k], good[k]) for k in good)
+
+
+def test_a_frozen_trunk_is_not_copied_but_the_result_is_whole(tmp_path):
+    images, labels, train_idx, val_idx = colour_classes()
+    torch.manual_seed(0)
+    net = models.EmbeddingNet(config.ModelConfig(backbone="cifar_resnet", cifar_n=1,
+                                                 hidden_dim=16, embedding_dim=8))
+    net.trunk.requires_grad_(False)
+    trunk_before = {k: v.clone() for k, v in net.trunk.state_dict().items()}
+    assert set(training._snapshot_function(net)()) == {
+        k for k in net.state_dict() if not k.startswith("trunk.")}
+    encoder = training.ImageEncoder(net, images, 32, config.AugmentConfig(enabled=False),
+                                    torch.device("cpu"), "fp32", frozen_trunk=True)
+    cfg = config.TrainConfig(pairs_per_epoch=64, val_pairs=20, batch_size=16)
+    optimizer = training.build_optimizer(net, "adam", 3e-3, 0.0, 0.9)
+    result = training.fit(net, encoder, optimizer, train_idx, val_idx, labels, cfg, 2, 0,
+                          tmp_path / "r.pt", "f")
+    assert set(result.best_state) == set(net.state_dict())
+    assert all(torch.equal(result.best_state["trunk." + k], v) for k, v in trunk_before.items())
+
+
 def test_frozen_feature_cache_equals_fresh_backbone_features():
     torch.manual_seed(0)
     images, labels, train_idx, _ = colour_classes(n=24)

@@ -408,10 +408,11 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
 
     history: list[dict] = []
     best = {"loss": math.inf, "epoch": 0, "state": None, "threshold": 1.0}
+    snapshot = _snapshot_function(net)
     bad_epochs, start_epoch, images_seen, seconds = 0, 1, 0, 0.0
     resumed = load_resume_state(resume_path, run_fingerprint)
     if resumed is not None:
-        net.load_state_dict(resumed["model"])
+        _load_snapshot(net, resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
         history, best = resumed["history"], resumed["best"]
@@ -419,11 +420,17 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         seconds, start_epoch = resumed["seconds"], resumed["epoch"] + 1
         print(f"resuming from the checkpoint of epoch {resumed['epoch']} ({resume_path})")
 
+    def stop(message: str) -> NonFiniteLossError:
+        """A non-finite value ends training: the best weights so far go to disk first."""
+        if save_best is not None and best["state"] is not None and runtime.is_main_process():
+            save_best(_full_state(net, best), best["epoch"], best.get("row", {}))
+        return NonFiniteLossError(message)
+
     def validate() -> dict[str, float]:
         encoder.set_train(False)
         z_val = encoder.eval_project(val_idx)
         if not np.isfinite(z_val).all():
-            raise NonFiniteLossError(
+            raise stop(
                 "non-finite (NaN/inf) embeddings: lower lr or check the input data; the "
                 f"best checkpoint so far (epoch {best['epoch']}) is kept")
         val_loss = validation_loss(kind, loss_fn, net, z_val, val_idx, labels, cfg, seed,
@@ -445,7 +452,7 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         row = {"epoch": 0, **validate(), "lr": optimizer.param_groups[0]["lr"]}
         history.append(row)
         best = {"loss": row["val_loss"], "epoch": 0, "threshold": row["threshold"],
-                "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+                "state": snapshot()}
 
     stopped = "epochs"
     progress = tqdm(range(start_epoch, epochs + 1), desc="epochs", unit="epoch",
@@ -470,7 +477,7 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
                          disable=not runtime.is_main_process()):
             loss = train_step_loss(kind, loss_fn, net, encoder.project, item, labels, stats)
             if not torch.isfinite(loss):
-                raise NonFiniteLossError(
+                raise stop(
                     f"non-finite training loss ({loss.item()}) at epoch {epoch}: lower lr "
                     f"(now {optimizer.param_groups[0]['lr']:g}) or check the data; the best "
                     f"checkpoint so far (epoch {best['epoch']}) is kept")
@@ -492,17 +499,15 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
                 row[f"mined_negative_distance_p{q}"] = float(
                     np.percentile(work.mined_distances, q))
         if not math.isfinite(val_loss):
-            raise NonFiniteLossError(f"non-finite validation loss at epoch {epoch}: lower lr; "
+            raise stop(f"non-finite validation loss at epoch {epoch}: lower lr; "
                                      f"the best checkpoint (epoch {best['epoch']}) is kept")
         history.append(row)
         seconds += train_seconds
 
         if val_loss < best["loss"] - 1e-6:
             best = {"loss": val_loss, "epoch": epoch, "threshold": threshold,
-                    "state": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}}
+                    "state": snapshot(), "row": row}
             bad_epochs = 0
-            if save_best is not None and runtime.is_main_process():
-                save_best(best["state"], epoch, row)
         else:
             bad_epochs += 1
         scheduler.step(val_loss)
@@ -515,17 +520,39 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
                              acc=f"{row['val_accuracy']:.3f}")
         if runtime.is_main_process():
             save_resume_state(resume_path, {
-                "fingerprint": run_fingerprint, "epoch": epoch, "model": net.state_dict(),
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "fingerprint": run_fingerprint, "epoch": epoch,
+                "model": snapshot(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
                 "history": history, "best": best, "bad_epochs": bad_epochs,
                 "images_seen": images_seen, "seconds": seconds})
         runtime.barrier()
 
     if runtime.is_main_process():
         resume_path.unlink(missing_ok=True)  # finished: a re-run trains afresh
-    return FitResult(pd.DataFrame(history), best["epoch"], best["loss"], best["state"],
+    return FitResult(pd.DataFrame(history), best["epoch"], best["loss"], _full_state(net, best),
                      best["threshold"], stopped, seconds, images_seen,
                      resumed["epoch"] if resumed else 0)
+
+
+def _snapshot_function(net: nn.Module) -> Callable[[], dict[str, torch.Tensor]]:
+    """A copy of what training can change: everything but a frozen trunk (train_frozen's
+    trunk is ~95% of the weights and never changes, so copying it every epoch is waste)."""
+    trunk = getattr(net, "trunk", None)
+    frozen = trunk is not None and not any(p.requires_grad for p in trunk.parameters())
+    return lambda: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
+                    if not (frozen and k.startswith("trunk."))}
+
+
+def _load_snapshot(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = net.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("trunk.") for k in missing):
+        raise RuntimeError(f"resume state does not fit the model: missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]}")
+
+
+def _full_state(net: nn.Module, best: dict) -> dict[str, torch.Tensor]:
+    """The best weights as a whole state_dict (a snapshot may leave out the frozen trunk)."""
+    return {**{k: v.detach().cpu() for k, v in net.state_dict().items()}, **best["state"]}
 
 
 def _normalized(z: np.ndarray) -> np.ndarray:
@@ -589,12 +616,14 @@ def frozen_features(net: EmbeddingNet, images: ImageCache, indices: np.ndarray,
 
 def best_checkpoint_writer(stage: str, net: EmbeddingNet, data: TrainingData,
                            image_size: int) -> Callable[[dict, int, dict], None]:
-    """``fit``'s ``save_best``: the best weights so far go to disk at once, so a crash keeps
-    them (``net`` holds them at that moment)."""
-    return lambda state, epoch, row: models.save_checkpoint(
-        Path("models") / stage / "best.pt", net,
-        {"epoch": epoch, "metrics": row, "stage": stage, "classes": data.classes,
-         "image_size": image_size})
+    """``fit``'s ``save_best``: when training stops on a non-finite value, the best weights so
+    far go to ``models/<stage>/best.pt``, so the failed run still leaves a usable model."""
+    def write(state: dict, epoch: int, row: dict) -> None:
+        net.load_state_dict(state)
+        models.save_checkpoint(Path("models") / stage / "best.pt", net, {
+            "epoch": epoch, "metrics": row, "stage": stage, "classes": data.classes,
+            "image_size": image_size})
+    return write
 
 
 def finish_stage(stage: str, net: EmbeddingNet, result: FitResult, data: TrainingData,
