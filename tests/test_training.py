@@ -102,6 +102,42 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
                      tmp_path / "n.pt", "f")
 
 
+def fit_linear_head(tmp_path, lr: float, epochs: int, patience: int, on_epoch=None):
+    """A frozen trunk and a head without BatchNorm: at lr 0 every epoch scores the same."""
+    torch.manual_seed(0)
+    images, labels, train_idx, val_idx = colour_classes()
+    net = models.EmbeddingNet(config.ModelConfig(backbone="cifar_resnet", cifar_n=1,
+                                                 hidden_dim=16, embedding_dim=8,
+                                                 batchnorm=False))
+    net.trunk.requires_grad_(False)
+    encoder = training.ImageEncoder(net, images, 32, config.AugmentConfig(enabled=False),
+                                    torch.device("cpu"), "fp32", frozen_trunk=True)
+    cfg = config.TrainConfig(pairs_per_epoch=64, val_pairs=40, batch_size=16,
+                             early_stopping_patience=patience)
+    optimizer = training.build_optimizer(net, "adam", lr, 0.0, 0.9)
+    result = training.fit(net, encoder, optimizer, train_idx, val_idx, labels, cfg, epochs, 0,
+                          tmp_path / "r.pt", "f",
+                          on_epoch=(lambda e, row: on_epoch(e, optimizer)) if on_epoch else None)
+    return result
+
+
+def test_patience_starts_once_training_beats_the_start_model(tmp_path):
+    # Never better than epoch 0 (lr 0): a fine-tuning dip, so no early stop; all epochs run.
+    stuck = fit_linear_head(tmp_path, lr=0.0, epochs=4, patience=1)
+    assert stuck.stopped == "epochs" and stuck.best_epoch == 0
+    assert list(stuck.history["epoch"]) == [0, 1, 2, 3, 4]
+
+    def freeze_after_first_epoch(epoch, optimizer):
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+
+    # Better at epoch 1, then flat: patience 2 counts epochs 2 and 3 and stops before 4.
+    improved = fit_linear_head(tmp_path, lr=3e-3, epochs=6, patience=2,
+                               on_epoch=freeze_after_first_epoch)
+    assert improved.best_epoch == 1 and improved.stopped == "early_stopping"
+    assert list(improved.history["epoch"]) == [0, 1, 2, 3]
+
+
 def test_non_finite_loss_keeps_the_best_weights_so_far(tmp_path):
     images, labels, train_idx, val_idx = colour_classes()
     torch.manual_seed(0)
