@@ -114,3 +114,16 @@ def pipeline_repo(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: 
     result = run(["dvc", "repro"], cwd=repo)
     (repo / ".first_repro.log").write_text(result.stdout + result.stderr)
     return repo
+
+
+def call_cli(argv: list, capsys) -> tuple[int, str, str]:
+    """Run the `retrieval` command in-process like the console script: (exit code, out, err)."""
+    from retrieval import cli
+
+    code = 0
+    try:
+        cli.main([str(a) for a in argv])
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return code, out.out, out.err

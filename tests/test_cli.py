@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from retrieval import cli, evaluation, models, search
 from retrieval.config import ModelConfig
+from tests.conftest import call_cli
 
 IMAGE_SIZE = 32
 SHAPES = {"red_square": ((220, 30, 30), "rectangle"), "blue_disc": ((30, 60, 220), "ellipse"),
@@ -51,15 +52,7 @@ def workspace(tmp_path_factory):
                                  index=root / "gallery.faiss", vectors=vectors)
 
 
-def call(argv, capsys):
-    """Run the command like the console script; returns (exit code, stdout, stderr)."""
-    code = 0
-    try:
-        cli.main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+call = call_cli
 
 
 def test_compare_prints_distance_similarity_and_decision(workspace, capsys, tmp_path):

@@ -45,7 +45,7 @@ from retrieval.data import (
     stratified_split,
 )
 from retrieval.outputs import UserError
-from tests.conftest import make_repo, run
+from tests.conftest import call_cli, make_repo, run
 from tests.reliability.conftest import assert_one_line_error
 
 EXIF_ORIENTATION = 0x0112
@@ -382,16 +382,7 @@ def needs(name: str):
                               reason=f"`retrieval {name}` does not exist in this version yet")
 
 
-def call(argv: list, capsys) -> tuple[int, str, str]:
-    from retrieval import cli
-
-    code = 0
-    try:
-        cli.main([str(a) for a in argv])
-    except SystemExit as stop:
-        code = stop.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+call = call_cli
 
 
 TINY = ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=8, embedding_dim=4)
