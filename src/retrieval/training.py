@@ -500,7 +500,7 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
                     np.percentile(work.mined_distances, q))
         if not math.isfinite(val_loss):
             raise stop(f"non-finite validation loss at epoch {epoch}: lower lr; "
-                                     f"the best checkpoint (epoch {best['epoch']}) is kept")
+                       f"the best checkpoint (epoch {best['epoch']}) is kept")
         history.append(row)
         seconds += train_seconds
 
@@ -538,8 +538,8 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
 
 
 def _snapshot_function(net: nn.Module) -> Callable[[], dict[str, torch.Tensor]]:
-    """A copy of what training can change: everything but a frozen trunk (train_frozen's
-    trunk is ~95% of the weights and never changes, so copying it every epoch is waste)."""
+    """A copy of what training can change: everything but a frozen trunk (train_frozen's trunk
+    is ~97% of a ResNet-18's weights and never changes: copying it every epoch is waste)."""
     trunk = getattr(net, "trunk", None)
     frozen = trunk is not None and not any(p.requires_grad for p in trunk.parameters())
     return lambda: {k: v.detach().cpu().clone() for k, v in net.state_dict().items()
@@ -621,12 +621,15 @@ def best_checkpoint_writer(stage: str, net: EmbeddingNet, data: TrainingData,
                            image_size: int) -> Callable[[dict, int, dict], None]:
     """``fit``'s ``save_best``: when training stops on a non-finite value, the best weights so
     far go to ``models/<stage>/best.pt``, so the failed run still leaves a usable model."""
-    def write(state: dict, epoch: int, row: dict) -> None:
-        net.load_state_dict(state)
-        models.save_checkpoint(Path("models") / stage / "best.pt", net, {
-            "epoch": epoch, "metrics": row, "stage": stage, "classes": data.classes,
-            "image_size": image_size})
-    return write
+    return lambda state, epoch, row: _write_best(stage, net, state, data, image_size,
+                                                 epoch=epoch, metrics=row)
+
+
+def _write_best(stage: str, net: EmbeddingNet, state: dict, data: TrainingData,
+                image_size: int, **meta) -> None:
+    net.load_state_dict(state)
+    models.save_checkpoint(Path("models") / stage / "best.pt", net, {
+        **meta, "stage": stage, "classes": data.classes, "image_size": image_size})
 
 
 def finish_stage(stage: str, net: EmbeddingNet, result: FitResult, data: TrainingData,
@@ -634,10 +637,8 @@ def finish_stage(stage: str, net: EmbeddingNet, result: FitResult, data: Trainin
     """After ``fit``: the best weights and the threshold chosen on val into
     ``models/<stage>/best.pt``, the history CSV and curves under ``plots/<stage>/``, the metrics
     and timing JSON, and all of it to the stage's MLflow ``run``. Returns the metrics."""
-    net.load_state_dict(result.best_state)
-    models.save_checkpoint(Path("models") / stage / "best.pt", net, {
-        "epoch": result.best_epoch, "stage": stage, "threshold": result.threshold,
-        "classes": data.classes, "image_size": image_size})
+    _write_best(stage, net, result.best_state, data, image_size, epoch=result.best_epoch,
+                threshold=result.threshold)
     plots = Path("plots") / stage
     write_history(result.history, plots / "history.csv", plots / "curves.png", title)
     summary = {**summary_metrics(result), **(extra_metrics or {})}
