@@ -21,10 +21,12 @@ from retrieval.embed import run_batched
 PRECISION = "bf16"  # the params.yaml default (row 9 shows it keeps the results)
 
 
-def pre_decoded(images, indices: np.ndarray, image_size: int) -> torch.Tensor:
+def pre_decoded(images, indices: np.ndarray, image_size: int,
+                normalization: transforms.Normalization) -> torch.Tensor:
     """(N, 3, s, s) float32 model inputs in channels_last, made once, outside any timing."""
     batch = transforms.eval_crop(image_size)(images.batch(indices))
-    return transforms.normalize(batch).contiguous(memory_format=torch.channels_last)
+    return transforms.normalize(batch, normalization).contiguous(
+        memory_format=torch.channels_last)
 
 
 def raw_forward(function, inputs: torch.Tensor, batch_size: int, precision: str) -> None:
@@ -35,7 +37,7 @@ def raw_forward(function, inputs: torch.Tensor, batch_size: int, precision: str)
 
 
 def breakdown(function, images, indices: np.ndarray, image_size: int, batch_size: int,
-              precision: str) -> dict[str, float]:
+              precision: str, normalization: transforms.Normalization) -> dict[str, float]:
     """Milliseconds per batch of run_batched's two parts (best of the batches)."""
     crop, device = transforms.eval_crop(image_size), torch.device("cpu")
     parts: dict[str, list[float]] = {"read + crop + normalise": [], "forward": []}
@@ -43,8 +45,9 @@ def breakdown(function, images, indices: np.ndarray, image_size: int, batch_size
         for start in range(0, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             parts["read + crop + normalise"].append(common.seconds(
-                lambda c=chunk: runtime.model_input(crop(images.batch(c)), device)))
-            x = runtime.model_input(crop(images.batch(chunk)), device)
+                lambda c=chunk: runtime.model_input(crop(images.batch(c)), device,
+                                                    normalization)))
+            x = runtime.model_input(crop(images.batch(chunk)), device, normalization)
             parts["forward"].append(common.seconds(lambda x=x: function(x)))
     return {name: 1000 * min(values) for name, values in parts.items()}
 
@@ -55,14 +58,14 @@ def run(quick: bool, workdir: Path) -> common.Result:
     images, _ = common.image_cache(n, size, seed=0, workdir=workdir)
     indices = np.arange(len(images))
     net = runtime.prepare_model(common.embedding_net(backbone), torch.device("cpu")).eval()
-    inputs = pre_decoded(images, indices, size)
+    inputs = pre_decoded(images, indices, size, net.normalization)
     times = common.interleaved({
         "raw": lambda: raw_forward(net, inputs, batch, PRECISION),
         "pipeline": lambda: run_batched(net, images, indices, size, torch.device("cpu"),
-                                        PRECISION, batch_size=batch),
+                                        PRECISION, net.normalization, batch_size=batch),
     }, rounds)
     ratio = common.best_ratio(times["raw"], times["pipeline"])
-    parts = breakdown(net, images, indices, size, batch, PRECISION)
+    parts = breakdown(net, images, indices, size, batch, PRECISION, net.normalization)
     pipeline, raw = common.rate(n, times["pipeline"]), common.rate(n, times["raw"])
     return common.Result(
         row=1, name="extraction",

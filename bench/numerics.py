@@ -138,7 +138,7 @@ def embed(net, data: dict, rows: np.ndarray, precision: str, channels_last: bool
     model = net if channels_last else copy.deepcopy(net).to(memory_format=torch.contiguous_format)
     layout = (lambda x: x) if channels_last else (lambda x: x.contiguous())
     return run_batched(lambda x: model(layout(x)), data["images"], rows, data["size"], CPU,
-                       precision)
+                       precision, net.normalization)
 
 
 def scores(net, data: dict, precision: str, channels_last: bool,

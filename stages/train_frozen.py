@@ -37,8 +37,7 @@ def main() -> None:
                                             device, params.precision, frozen_trunk=True)
         else:
             needed = np.concatenate([split.train_idx, split.val_idx])
-            key = training.fingerprint(images.key, params.model, size, params.seed,
-                                       params.precision)
+            key = training.feature_cache_key(net, images, needed, size, params.precision)
             features = cache.array_for(
                 f"features-{key}",
                 lambda: training.frozen_features(net, images, needed, size, device,

@@ -1,6 +1,7 @@
-"""verify_normalization: measure the normalised tensors the model will see (mean ~0, std ~1).
+"""verify_normalization: measure the normalised tensors the model will see against what the
+backbone's declared normalisation implies (ImageNet mean/std: mean ~0, std ~1).
 
-Reads:  params seed, data.image_size, verify_normalization.*; data/split.csv,
+Reads:  params seed, data.image_size, model.backbone, verify_normalization.*; data/split.csv,
         data/prepared/dataset.json
 Writes: metrics/verify_normalization.json, plots/verify_normalization/histograms.png
         (fails with the offending channels if a mean or std is out of tolerance)
@@ -8,16 +9,19 @@ Writes: metrics/verify_normalization.json, plots/verify_normalization/histograms
 
 import numpy as np
 
-from retrieval import cache, config, data, outputs, tracking, transforms
+from retrieval import cache, config, data, models, outputs, tracking, transforms
 from retrieval.plots import training as training_plots
 
 
 def main() -> None:
     params = config.load_params()
     v = params.verify_normalization
+    normalization = transforms.NORMALIZATIONS[models.backbone(params.model.backbone).normalization]
+    expected = normalization.expected_stats()
     table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
     with tracking.stage_run("verify_normalization",
-                            config.select(params, ("seed", "verify_normalization")),
+                            config.select(params, ("seed", "verify_normalization")) |
+                            {"model.backbone": params.model.backbone},
                             config.flatten(config.to_dict(params))) as run:
         # Decodes every image of the split once; later stages reuse this cache.
         images = cache.images_for(table["file"].tolist(), params.data.image_size)
@@ -25,14 +29,23 @@ def main() -> None:
         rng = np.random.default_rng(params.seed)
         sample = np.sort(rng.choice(train, size=min(v.sample_size, len(train)), replace=False))
         crops = transforms.eval_crop(params.data.image_size)(images.batch(sample))
-        normalized = transforms.normalize(crops)
+        normalized = transforms.normalize(crops, normalization)
         raw_stats = transforms.channel_stats(crops.float() / 255.0)
         stats = transforms.channel_stats(normalized)
-        problems = transforms.normalization_problems(stats, v.mean_tolerance, v.std_tolerance)
+        problems = transforms.normalization_problems(stats, expected, v.mean_tolerance,
+                                                     v.std_tolerance)
         if problems:
-            raise outputs.UserError("normalisation check failed: " + "; ".join(problems)
-                                    + " (check transforms.normalize and the image decoding)")
+            raise outputs.UserError(
+                f"normalisation check failed ({normalization.name} normalisation of "
+                f"{params.model.backbone}): " + "; ".join(problems)
+                + " (check transforms.NORMALIZATIONS and the image decoding)")
+        print(f"verify_normalization: {normalization.name} normalisation "
+              f"({params.model.backbone}) within tolerance on {len(sample)} images")
         metrics = {"images": len(sample), "image_size": params.data.image_size,
+                   "normalization": normalization.name,
+                   **{f"expected_mean_{c}": m
+                      for c, m in zip("rgb", expected["mean"], strict=True)},
+                   **{f"expected_std_{c}": s for c, s in zip("rgb", expected["std"], strict=True)},
                    **{f"normalized_mean_{c}": m for c, m in zip("rgb", stats["mean"], strict=True)},
                    **{f"normalized_std_{c}": s for c, s in zip("rgb", stats["std"], strict=True)},
                    **{f"raw_mean_{c}": m for c, m in zip("rgb", raw_stats["mean"], strict=True)},

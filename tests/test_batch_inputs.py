@@ -16,6 +16,7 @@ from retrieval import runtime, training, transforms
 from retrieval.config import AugmentConfig
 
 CPU = torch.device("cpu")
+IMAGENET = transforms.NORMALIZATIONS["imagenet"]
 
 
 def random_images(n: int = 4, side: int = 40, seed: int = 0) -> torch.Tensor:
@@ -25,8 +26,8 @@ def random_images(n: int = 4, side: int = 40, seed: int = 0) -> torch.Tensor:
 
 def test_model_input_is_normalize_bit_for_bit_in_channels_last():
     images = random_images()
-    x = runtime.model_input(images, CPU)
-    assert torch.equal(x, transforms.normalize(images))
+    x = runtime.model_input(images, CPU, IMAGENET)
+    assert torch.equal(x, transforms.normalize(images, IMAGENET))
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert images.dtype == torch.uint8  # the cached batch is not modified
 
@@ -34,9 +35,10 @@ def test_model_input_is_normalize_bit_for_bit_in_channels_last():
 def test_batch_augment_without_randomness_is_resize_then_normalize():
     # crop scale 1 on a square image: every try of ratio != 1 overflows, so the whole image
     augment = training.BatchAugment(32, AugmentConfig(enabled=True, crop_scale_min=1.0,
-                                                      flip=False, color_jitter=0.0))
+                                                      flip=False, color_jitter=0.0), IMAGENET)
     images = random_images(side=40)
-    expected = transforms.normalize(TF.resize(images.float(), [32, 32], antialias=False))
+    expected = transforms.normalize(TF.resize(images.float(), [32, 32], antialias=False),
+                                    IMAGENET)
     out = augment(images)
     assert out.shape == (4, 3, 32, 32) and out.is_contiguous(memory_format=torch.channels_last)
     # interior pixels: at the border grid_sample may read outside the crop, resize clamps
@@ -44,7 +46,7 @@ def test_batch_augment_without_randomness_is_resize_then_normalize():
 
 
 def test_colour_map_is_torchvision_jitter_then_normalize():
-    augment = training.BatchAugment(16, AugmentConfig(enabled=True, color_jitter=0.4))
+    augment = training.BatchAugment(16, AugmentConfig(enabled=True, color_jitter=0.4), IMAGENET)
     # Narrow mid-range values (seeded): even three 1.4x jitters stay inside [0, 1], so
     # torchvision never clamps and the affine map must match it exactly.
     x = 110 + 30 * torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -58,13 +60,13 @@ def test_colour_map_is_torchvision_jitter_then_normalize():
         image = x[b:b + 1] / 255
         for kind in order[b].tolist():
             image = jitters[kind](image, factors[b, kind].item())
-        expected = transforms.normalize(image * 255)[0]
+        expected = transforms.normalize(image * 255, IMAGENET)[0]
         ours = (matrix[b] @ x[b].reshape(3, -1) + offset[b, :, None]).reshape(3, 8, 8)
         assert torch.allclose(ours, expected, atol=1e-4), order[b]
 
 
 def test_crops_follow_random_resized_crop_and_flip_half():
-    augment = training.BatchAugment(32, AugmentConfig(enabled=True, crop_scale_min=0.5))
+    augment = training.BatchAugment(32, AugmentConfig(enabled=True, crop_scale_min=0.5), IMAGENET)
     grid = augment._sampling_grid(4000, 40, 40)  # (B, s, s, 2) in [-1, 1]
     xs, ys = grid[:, 0, :, 0], grid[:, :, 0, 1]
     step_x = (xs[:, -1] - xs[:, 0]).abs() / 31 * 32 / 2 * 40  # crop width in pixels
@@ -78,7 +80,7 @@ def test_crops_follow_random_resized_crop_and_flip_half():
 
 
 def test_batch_augment_is_seeded_by_torch_and_stays_in_the_pixel_range():
-    augment = training.BatchAugment(24, AugmentConfig(enabled=True, color_jitter=0.5))
+    augment = training.BatchAugment(24, AugmentConfig(enabled=True, color_jitter=0.5), IMAGENET)
     images = random_images(8, 28)
     torch.manual_seed(7)
     first = augment(images)
@@ -93,8 +95,11 @@ def test_batch_augment_is_seeded_by_torch_and_stays_in_the_pixel_range():
 def test_image_encoder_inputs_are_channels_last_float(enabled):
     from retrieval.cache import ImageCache
 
+    from retrieval import config, models
+
     images = ImageCache(random_images(6, 37).numpy())
-    encoder = training.ImageEncoder(None, images, 32, AugmentConfig(enabled=enabled), CPU,
+    net = models.EmbeddingNet(config.ModelConfig(backbone="cifar_resnet", cifar_n=1))
+    encoder = training.ImageEncoder(net, images, 32, AugmentConfig(enabled=enabled), CPU,
                                     "fp32")
     x = encoder.inputs([0, 2, 5])
     assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32

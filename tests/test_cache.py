@@ -11,7 +11,15 @@ from PIL import Image
 from retrieval import cache as cache_module
 from retrieval.cache import ImageCache, cache_key
 from retrieval.data import load_rgb
-from retrieval.transforms import cache_size, eval_crop, eval_pil_transform, normalize
+from retrieval.transforms import (
+    NORMALIZATIONS,
+    cache_size,
+    eval_crop,
+    eval_pil_transform,
+    normalize,
+)
+
+IMAGENET = NORMALIZATIONS["imagenet"]
 
 IMAGE_SIZE = 32
 SIDE = cache_size(IMAGE_SIZE)  # round(32 * 8 / 7) = round(36.57) = 37
@@ -76,9 +84,10 @@ def test_second_build_loads_without_decoding(images, tmp_path, monkeypatch):
 
 def test_cached_crop_equals_the_pil_evaluation_path(images, tmp_path):
     cache = ImageCache.build(images, IMAGE_SIZE, tmp_path / "cache", workers=0, progress=False)
-    from_cache = normalize(eval_crop(IMAGE_SIZE)(cache.batch(list(range(len(images))))))
+    from_cache = normalize(eval_crop(IMAGE_SIZE)(cache.batch(list(range(len(images))))),
+                           IMAGENET)
     for i, path in enumerate(images):
-        from_pil = eval_pil_transform(IMAGE_SIZE)(load_rgb(path))
+        from_pil = eval_pil_transform(IMAGE_SIZE, IMAGENET)(load_rgb(path))
         assert from_pil.shape == (3, IMAGE_SIZE, IMAGE_SIZE)
         assert torch.equal(from_pil, from_cache[i]), path.name
 
@@ -89,8 +98,8 @@ def test_large_jpegs_match_when_loaded_with_the_same_draft(tmp_path):
     path = tmp_path / "large.jpg"
     noise(40, 30, 5).resize((400, 300), Image.BILINEAR).save(path)
     cache = ImageCache.build([path], IMAGE_SIZE, tmp_path / "cache", workers=0, progress=False)
-    from_pil = eval_pil_transform(IMAGE_SIZE)(load_rgb(path, draft_size=SIDE))
-    assert torch.equal(from_pil, normalize(eval_crop(IMAGE_SIZE)(cache.batch([0])))[0])
+    from_pil = eval_pil_transform(IMAGE_SIZE, IMAGENET)(load_rgb(path, draft_size=SIDE))
+    assert torch.equal(from_pil, normalize(eval_crop(IMAGE_SIZE)(cache.batch([0])), IMAGENET)[0])
 
 
 def test_key_follows_content_size_and_order_not_names(images, tmp_path):

@@ -222,7 +222,8 @@ def test_embed_models_computes_the_three_embeddings(tiny_nets):
     found = evaluation.embed_models(frozen, unfrozen, ImageCache(pixels), table, rows, size,
                                     torch.device("cpu"), "fp32")
     assert set(found) == set(evaluation.MODELS)
-    x = transforms.normalize(transforms.eval_crop(size)(torch.from_numpy(pixels[[0, 3, 5]])))
+    x = transforms.normalize(transforms.eval_crop(size)(torch.from_numpy(pixels[[0, 3, 5]])),
+                             transforms.NORMALIZATIONS["imagenet"])
     with torch.no_grad():
         expected = {"baseline": F.normalize(frozen.features(x), dim=1), "frozen": frozen(x),
                     "unfrozen": unfrozen(x)}

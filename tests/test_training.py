@@ -195,5 +195,5 @@ def test_frozen_feature_cache_equals_fresh_backbone_features():
 
     with torch.no_grad():
         fresh = net.features(transforms.normalize(
-            transforms.eval_crop(32)(images.batch(train_idx))))
+            transforms.eval_crop(32)(images.batch(train_idx)), net.normalization))
     np.testing.assert_allclose(cached, fresh.numpy(), rtol=1e-5, atol=1e-5)

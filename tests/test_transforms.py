@@ -9,6 +9,7 @@ from retrieval.config import VerifyNormalizationConfig
 from retrieval.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    NORMALIZATIONS,
     cache_size,
     channel_stats,
     decode_transform,
@@ -21,6 +22,11 @@ from retrieval.transforms import (
 TOLERANCES = VerifyNormalizationConfig()  # the defaults params.yaml also uses
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+IMAGENET, TF_LITE = NORMALIZATIONS["imagenet"], NORMALIZATIONS["tf_lite"]
+
+
+def normalize_imagenet(images: torch.Tensor) -> torch.Tensor:
+    return normalize(images, IMAGENET)
 
 
 def test_cache_size_keeps_the_256_to_224_margin():
@@ -60,22 +66,36 @@ def test_eval_crop_takes_the_centre_of_a_batch():
 
 def test_normalize_maps_the_imagenet_mean_to_zero():
     exact = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1).expand(1, 3, 4, 4) * 255
-    assert normalize(exact).abs().max() < 1e-6
+    assert normalize_imagenet(exact).abs().max() < 1e-6
     # uint8 124, 116, 104 (the mean rounded): (124/255 - 0.485) / 0.229 = 0.0056,
     # (116/255 - 0.456) / 0.224 = -0.0049, (104/255 - 0.406) / 0.225 = 0.0082.
     rounded = torch.tensor([124, 116, 104], dtype=torch.uint8).view(1, 3, 1, 1).expand(1, 3, 4, 4)
-    out = normalize(rounded)
+    out = normalize_imagenet(rounded)
     assert out.dtype == torch.float32 and out.shape == (1, 3, 4, 4)
     assert out[0, :, 0, 0].tolist() == pytest.approx([0.0056, -0.0049, 0.0082], abs=1e-4)
     # White: (1 - 0.485) / 0.229 = 2.2489 in the red channel.
     white = torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)
-    assert normalize(white)[0, 0, 0, 0].item() == pytest.approx(2.2489, abs=1e-4)
+    assert normalize_imagenet(white)[0, 0, 0, 0].item() == pytest.approx(2.2489, abs=1e-4)
 
 
 def test_eval_pil_transform_is_decode_crop_normalize():
     image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 120, 3), np.uint8))
-    expected = normalize(eval_crop(96)(decode_transform(96)(image))[None])[0]
-    assert torch.equal(eval_pil_transform(96)(image), expected)
+    expected = normalize(eval_crop(96)(decode_transform(96)(image))[None], TF_LITE)[0]
+    assert torch.equal(eval_pil_transform(96, TF_LITE)(image), expected)
+
+
+def test_tf_lite_normalisation_is_minus_127_over_128():
+    pixels = torch.tensor([0, 127, 255], dtype=torch.uint8).view(1, 3, 1, 1)
+    out = normalize(pixels, TF_LITE)[0, :, 0, 0]
+    assert out.tolist() == pytest.approx([-127 / 128, 0.0, 1.0], abs=1e-6)
+
+
+def test_expected_stats_are_zero_and_one_for_imagenet_and_follow_for_tf_lite():
+    assert IMAGENET.expected_stats()["mean"] == pytest.approx([0, 0, 0], abs=1e-12)
+    assert IMAGENET.expected_stats()["std"] == pytest.approx([1, 1, 1])
+    # Red: (0.485 - 127/255) / (128/255) = -0.0259; std 0.229 / (128/255) = 0.4562.
+    assert TF_LITE.expected_stats()["mean"][0] == pytest.approx(-0.0259, abs=1e-4)
+    assert TF_LITE.expected_stats()["std"][0] == pytest.approx(0.4562, abs=1e-4)
 
 
 def test_channel_stats_by_hand():
@@ -98,10 +118,20 @@ def natural_ish_images(n: int = 16, side: int = 64, seed: int = 0) -> torch.Tens
     return pixels.round().clamp(0, 255).to(torch.uint8)
 
 
-def test_the_correct_pipeline_passes_the_normalisation_check():
-    stats = channel_stats(normalize(natural_ish_images()))
-    assert normalization_problems(stats, TOLERANCES.mean_tolerance,
-                                  TOLERANCES.std_tolerance) == []
+@pytest.mark.parametrize("normalization", [IMAGENET, TF_LITE], ids=lambda n: n.name)
+def test_the_correct_pipeline_passes_the_normalisation_check(normalization):
+    stats = channel_stats(normalize(natural_ish_images(), normalization))
+    assert normalization_problems(stats, normalization.expected_stats(),
+                                  TOLERANCES.mean_tolerance, TOLERANCES.std_tolerance) == []
+
+
+def test_the_other_backbones_normalisation_fails_the_check():
+    # ImageNet-normalised tensors checked against what TF-Lite's normalisation implies: their
+    # stds (~1) are over twice the expected ~0.46, so every channel's std is flagged.
+    stats = channel_stats(normalize(natural_ish_images(), IMAGENET))
+    problems = normalization_problems(stats, TF_LITE.expected_stats(),
+                                      TOLERANCES.mean_tolerance, TOLERANCES.std_tolerance)
+    assert sum(" std " in p for p in problems) == 3, problems
 
 
 @pytest.mark.parametrize(("name", "wrong", "means_fail"), [
@@ -110,11 +140,12 @@ def test_the_correct_pipeline_passes_the_normalisation_check():
     # Mean 0, std 1: means ~0.40-0.49 may slip under the 0.5 tolerance, stds ~0.22 cannot.
     ("mean 0 std 1", lambda x: x.float() / 255, None),
     # Normalised twice: means ~ (0 / 255 - 0.45) / 0.22 ~ -2, stds ~ 1 / (255 * 0.22): all fail.
-    ("normalised twice", lambda x: (normalize(x) / 255 - MEAN) / STD, True),
+    ("normalised twice", lambda x: (normalize_imagenet(x) / 255 - MEAN) / STD, True),
 ])
 def test_a_wrong_pipeline_fails_the_normalisation_check(name, wrong, means_fail):
     stats = channel_stats(wrong(natural_ish_images()))
-    problems = normalization_problems(stats, TOLERANCES.mean_tolerance, TOLERANCES.std_tolerance)
+    problems = normalization_problems(stats, IMAGENET.expected_stats(),
+                                      TOLERANCES.mean_tolerance, TOLERANCES.std_tolerance)
     assert sum(" std " in p for p in problems) == 3, (name, problems)  # every channel's std
     if means_fail:
         assert sum(" mean " in p for p in problems) == 3, (name, problems)

@@ -136,7 +136,8 @@ def embed(net: EmbeddingNet, images: list[Image.Image], image_size: int,
 
     from retrieval import runtime, transforms
 
-    batch = torch.stack([transforms.image_to_input(image, image_size) for image in images])
+    batch = torch.stack([transforms.image_to_input(image, image_size, net.normalization)
+                         for image in images])
     with torch.inference_mode():
         return net(runtime.to_device(batch, device)).float().cpu().numpy()
 

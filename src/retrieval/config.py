@@ -93,7 +93,7 @@ class VerifyNormalizationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: Literal["resnet50", "resnet18", "cifar_resnet"] = "resnet50"
+    backbone: str = "resnet50"  # a key of models.BACKBONES
     weights: str = "none"  # imagenet | none | path to a local state_dict file
     cifar_n: int = 3  # cifar_resnet depth is 6n+2
     pooling: Literal["avg", "max", "gem"] = "avg"
@@ -104,6 +104,10 @@ class ModelConfig:
     dropout: float = 0.0
 
     def validate(self, key: str) -> None:
+        from retrieval.models import BACKBONES  # the registry is the list of choices
+
+        _check(self.backbone in BACKBONES, f"{key}.backbone",
+               f"('{self.backbone}') must be one of {sorted(BACKBONES)}")
         _check(self.backbone != "cifar_resnet" or self.weights == "none", f"{key}.weights",
                f"('{self.weights}') must be none for cifar_resnet (it is trained from scratch)")
         if self.weights not in ("imagenet", "none"):
@@ -189,8 +193,9 @@ class TrainUnfrozenConfig:
     init: Literal["frozen", "scratch"] = "frozen"
     backbone_lr_mult: float = 0.1
     # Train only the backbone stages from this one on (earlier ones stay frozen); "all" trains
-    # every layer. For ResNets: layer1..layer4.
-    unfreeze_from: Literal["all", "layer1", "layer2", "layer3", "layer4"] = "all"
+    # every layer. ResNets: layer1..layer4; efficientnet_lite0: blocks0..blocks6, head
+    # (models.BACKBONES lists each backbone's stages; checked when the model is built).
+    unfreeze_from: str = "all"
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(enabled=True))
 
     def validate(self, key: str) -> None:

@@ -18,7 +18,8 @@ from retrieval.cache import ImageCache
 
 def run_batched(function: Callable[[torch.Tensor], torch.Tensor], images: ImageCache,
                 indices: np.ndarray, image_size: int, device: torch.device, precision: str,
-                batch_size: int = 64, desc: str | None = None) -> np.ndarray:
+                normalization: transforms.Normalization, batch_size: int = 64,
+                desc: str | None = None) -> np.ndarray:
     """function(normalised images (B, 3, s, s)) for every index, stacked as float32 numpy."""
     crop = transforms.eval_crop(image_size)
     outputs = []
@@ -26,7 +27,7 @@ def run_batched(function: Callable[[torch.Tensor], torch.Tensor], images: ImageC
     with torch.inference_mode(), runtime.autocast(device, precision):
         for start in tqdm(batches, desc=desc, disable=desc is None, unit="batch", leave=False):
             x = runtime.model_input(crop(images.batch(indices[start:start + batch_size])),
-                                    device)  # (B, 3, s, s) float32, channels_last
+                                    device, normalization)  # (B, 3, s, s) float32
             outputs.append(function(x).float().cpu())
     if not outputs:
         return np.zeros((0, 0), dtype=np.float32)

@@ -126,13 +126,13 @@ def embed_models(frozen: EmbeddingNet, unfrozen: EmbeddingNet, images: ImageCach
     frozen = runtime.prepare_model(frozen, device).eval()
     unfrozen = runtime.prepare_model(unfrozen, device).eval()
     features = run_batched(frozen.features, images, rows, image_size, device, precision,
-                           desc="baseline features")  # (N, C)
+                           frozen.normalization, desc="baseline features")  # (N, C)
     with torch.inference_mode():
         head = [frozen.project(torch.from_numpy(chunk).to(device)).float().cpu()
                 for chunk in np.array_split(features, max(1, len(features) // 4096 + 1))]
     learned = torch.cat(head).numpy()  # (N, D)
     tuned = run_batched(unfrozen, images, rows, image_size, device, precision,
-                        desc="unfrozen embeddings")  # (N, D), already unit length
+                        unfrozen.normalization, desc="unfrozen embeddings")  # (N, D), already unit length
     columns = {name: table[name].to_numpy()[rows].astype(str) for name in
                ("label", "split", "path")}
     return {name: Embeddings(rows, l2_normalize(vectors), columns["label"], columns["split"],

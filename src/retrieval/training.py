@@ -75,7 +75,7 @@ class BatchAugment:
     scale (crop_scale_min, 1) and ratio (3/4, 4/3), 10 tries then the whole image;
     RandomHorizontalFlip; ColorJitter(j, j, j) in a random order per image), drawn for every
     image as tensors from torch's RNG and applied in three batched ops: crop + resize + flip as
-    one bilinear ``grid_sample``; then jitter and ImageNet normalisation, which are all linear in
+    one bilinear ``grid_sample``; then jitter and the backbone's normalisation, all linear in
     the RGB vector, as one per-image 3x3 matrix and offset (a grouped 1x1 convolution); then a
     clamp to the range of valid pixels.
     Two differences from torchvision, both immaterial here: no antialiasing (the crop is never
@@ -86,8 +86,10 @@ class BatchAugment:
 
     GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale
 
-    def __init__(self, image_size: int, augment: AugmentConfig):
+    def __init__(self, image_size: int, augment: AugmentConfig,
+                 normalization: transforms.Normalization):
         self.size, self.scale_min = image_size, augment.crop_scale_min
+        self.normalization = normalization
         self.flip, self.jitter = augment.flip, augment.color_jitter
 
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
@@ -149,15 +151,13 @@ class BatchAugment:
                 new_offset = new_offset + torch.where((kind == 1)[:, None],
                                                       (1 - f) * mean_gray[:, None], 0.0)
                 matrix, offset = new_matrix, new_offset
-        mean = torch.tensor(transforms.IMAGENET_MEAN)
-        scale = 1 / (255 * torch.tensor(transforms.IMAGENET_STD))
+        mean = torch.tensor(self.normalization.mean)
+        scale = 1 / (255 * torch.tensor(self.normalization.std))
         return scale[None, :, None] * matrix, scale * offset - mean * 255 * scale
 
-    @staticmethod
-    def _normalised_range(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _normalised_range(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Pixel values 0 and 255 after normalisation, per channel (1, 3, 1, 1)."""
-        mean = torch.tensor(transforms.IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(transforms.IMAGENET_STD, device=device).view(1, 3, 1, 1)
+        mean, std = self.normalization.tensors(device)
         return (0 - mean) / std, (1 - mean) / std
 
 
@@ -170,7 +170,8 @@ class ImageEncoder:
         self.model, self.images, self.image_size = model, images, image_size
         self.frozen_trunk = frozen_trunk
         self.device, self.precision = device, precision
-        self.augment = BatchAugment(image_size, augment) if augment.enabled else None
+        self.augment = (BatchAugment(image_size, augment, self.net.normalization)
+                        if augment.enabled else None)
         self.crop = transforms.eval_crop(image_size)
 
     @property
@@ -181,7 +182,7 @@ class ImageEncoder:
         """Model inputs (B, 3, s, s): normalised float32, channels_last, on the device."""
         batch = self.images.batch(indices)  # (B, 3, S, S) uint8
         if self.augment is None:
-            return runtime.model_input(self.crop(batch), self.device)
+            return runtime.model_input(self.crop(batch), self.device, self.net.normalization)
         return self.augment(batch.to(self.device, non_blocking=True))
 
     def project(self, indices: np.ndarray) -> torch.Tensor:
@@ -193,7 +194,7 @@ class ImageEncoder:
     def eval_project(self, indices: np.ndarray) -> np.ndarray:
         net = self.net
         return run_batched(lambda x: net(x, normalize=False), self.images, indices,
-                           self.image_size, self.device, self.precision)
+                           self.image_size, self.device, self.precision, net.normalization)
 
     def set_train(self, training: bool) -> None:
         self.model.train(training)
@@ -609,12 +610,44 @@ class TrainingData:
                    np.flatnonzero(split == "val"))
 
 
+def feature_cache_key(net: EmbeddingNet, images: ImageCache, indices: np.ndarray,
+                      image_size: int, precision: str) -> str:
+    """Everything the frozen features depend on: the images and which of them, the size and
+    numerics, the trunk's actual weights (ImageNet, a file or a seeded random init), the code
+    that turns pixels into features, and the library versions that run it. An edit to any of
+    these is a new key, never a stale hit."""
+    import torchvision
+
+    from retrieval import embed
+
+    weights = hashlib.sha256()
+    for name, tensor in net.trunk.state_dict().items():
+        weights.update(name.encode())
+        weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    code = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in
+                                   (models, transforms, runtime, embed))).hexdigest()
+    versions = {"torch": torch.__version__, "torchvision": torchvision.__version__,
+                "timm": _version("timm")}
+    return fingerprint(images.key, hashlib.sha256(np.asarray(indices).tobytes()).hexdigest(),
+                       image_size, precision, net.config.backbone, net.config.pooling,
+                       weights.hexdigest(), code, versions)
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
 def frozen_features(net: EmbeddingNet, images: ImageCache, indices: np.ndarray,
                     image_size: int, device: torch.device, precision: str) -> np.ndarray:
     """What a frozen trunk gives for these images (pooled vectors, or maps for GeM)."""
     net.eval()
     return run_batched(net.frozen_features, images, indices, image_size, device, precision,
-                       desc="backbone features (once)")
+                       net.normalization, desc="backbone features (once)")
 
 
 def best_checkpoint_writer(stage: str, net: EmbeddingNet, data: TrainingData,

@@ -340,7 +340,7 @@ def test_imagenet_weights_that_cannot_be_downloaded_are_a_clear_error(monkeypatc
     with pytest.raises(UserError) as error:
         models.EmbeddingNet(ModelConfig(backbone="resnet18", weights="imagenet"))
     message = str(error.value)
-    assert "ImageNet weights for resnet18 could not be loaded (URLError)" in message
+    assert "ImageNet weights for resnet18 could not be loaded: URLError" in message
     assert "model.weights" in message and "\n" not in message
 
 
