@@ -33,7 +33,7 @@ def main() -> None:
     else:
         net = models.EmbeddingNet(params.model,
                                   len(split.classes) if t.loss == "cross_entropy" else 0)
-    models.set_trunk_trainable(net, u.unfreeze_from)
+    models.set_trunk_trainable(net, u.unfreeze_from, u.batchnorm)
     net = runtime.prepare_model(net, device)
     model = (torch.nn.parallel.DistributedDataParallel(net) if runtime.world_size() > 1
              else net)

@@ -117,3 +117,33 @@ def test_lite0_classifier_recognises_caltech_strawberries():
         top5 = lite0_classifier()(batch).topk(5, dim=1).indices.numpy()
     hits = np.mean([949 in row for row in top5])  # ImageNet class 949: strawberry
     assert hits >= 0.8, f"strawberry in the top 5 for only {hits:.0%} of 20 images"
+
+
+def batchnorm_modes(net: models.EmbeddingNet) -> dict[str, set[bool]]:
+    return {name: {m.training for m in stage.modules()
+                   if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+            for name, stage in net.backbone_stages()}
+
+
+def test_frozen_stages_keep_their_batchnorm_statistics_in_train_mode():
+    net = models.EmbeddingNet(ModelConfig(backbone="resnet18"))
+    models.set_trunk_trainable(net, "layer3")
+    net.train()
+    modes = batchnorm_modes(net)
+    assert modes["bn1"] == modes["layer1"] == modes["layer2"] == {False}
+    assert modes["layer3"] == modes["layer4"] == {True}
+    assert net.head.training
+    x = torch.randn(4, 3, 32, 32)
+    before = net.trunk.layer1[0].bn1.running_mean.clone()
+    net(x)
+    torch.testing.assert_close(net.trunk.layer1[0].bn1.running_mean, before)
+
+
+def test_batchnorm_frozen_keeps_every_trunk_statistic_but_trains_the_weights():
+    net = models.EmbeddingNet(ModelConfig(backbone="efficientnet_lite0", weights="none"))
+    models.set_trunk_trainable(net, "all", batchnorm="frozen")
+    net.train()
+    assert all(modes <= {False} for modes in batchnorm_modes(net).values())
+    assert all(p.requires_grad for p in net.trunk.parameters())
+    assert any(m.training for m in net.head.modules()
+               if isinstance(m, torch.nn.BatchNorm1d))  # the head's own BatchNorm trains

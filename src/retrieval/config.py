@@ -196,6 +196,9 @@ class TrainUnfrozenConfig:
     # every layer. ResNets: layer1..layer4; efficientnet_lite0: blocks0..blocks6, head
     # (models.BACKBONES lists each backbone's stages; checked when the model is built).
     unfreeze_from: str = "all"
+    # BatchNorm of the trained trunk stages: train (batch statistics, running stats updated) |
+    # frozen (keep the pretrained running statistics). Frozen stages always keep theirs.
+    batchnorm: Literal["train", "frozen"] = "train"
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(enabled=True))
 
     def validate(self, key: str) -> None:

@@ -241,6 +241,7 @@ class EmbeddingNet(nn.Module):
         super().__init__()
         self.config = config
         self.spec = backbone(config.backbone)
+        self.frozen_batchnorm = False  # set_trunk_trainable(..., batchnorm="frozen")
         self.trunk = self.spec.build(config)
         channels = self.spec.feature_dim
         self.feature_dim = channels
@@ -285,6 +286,20 @@ class EmbeddingNet(nn.Module):
     def backbone_stages(self) -> list[tuple[str, nn.Module]]:
         return list(self.trunk.named_children())
 
+    def train(self, mode: bool = True) -> EmbeddingNet:
+        """As nn.Module.train, but BatchNorm layers of frozen trunk stages (every stage with
+        ``frozen_batchnorm``) stay in eval mode: a frozen stage is a constant function."""
+        super().train(mode)
+        if mode:
+            for _, stage in self.backbone_stages():
+                params = list(stage.parameters())
+                if self.frozen_batchnorm or (params and not any(p.requires_grad
+                                                                for p in params)):
+                    for module in stage.modules():
+                        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                            module.eval()
+        return self
+
 
 def _build_head(config: ModelConfig, channels: int) -> nn.Module:
     if config.head == "none":
@@ -301,8 +316,13 @@ def _build_head(config: ModelConfig, channels: int) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def set_trunk_trainable(model: EmbeddingNet, unfreeze_from: str) -> None:
-    """Freeze the trunk up to (not including) stage `unfreeze_from`; 'all' trains everything."""
+def set_trunk_trainable(model: EmbeddingNet, unfreeze_from: str,
+                        batchnorm: str = "train") -> None:
+    """Freeze the trunk up to (not including) stage `unfreeze_from`; 'all' trains everything.
+
+    Frozen stages always keep their BatchNorm statistics; ``batchnorm: frozen`` keeps those of
+    the trained stages too (the pretrained running statistics, normalising every batch alike).
+    """
     names = list(model.spec.stages)
     if unfreeze_from != "all" and unfreeze_from not in names:
         raise UserError(f"train_unfrozen.unfreeze_from is '{unfreeze_from}' but "
@@ -311,6 +331,8 @@ def set_trunk_trainable(model: EmbeddingNet, unfreeze_from: str) -> None:
     for name, module in model.backbone_stages():
         trainable = trainable or name == unfreeze_from
         module.requires_grad_(trainable)
+    model.frozen_batchnorm = batchnorm == "frozen"
+    model.train(model.training)
 
 
 # ---------------------------------------------------------------------------------------------
