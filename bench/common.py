@@ -21,6 +21,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 CALTECH = REPO.parent / "shared" / "datasets" / "caltech101" / "101_ObjectCategories"
+LEEDS = REPO.parent / "shared" / "datasets" / "leeds_butterfly"
 GIB = 1024**3
 
 

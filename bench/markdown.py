@@ -69,13 +69,19 @@ def _details(r: dict) -> list[str]:
                   "the same, top 1: ~ the distance products alone (s) |", "|---|---|---|---|"]
         lines += [f"| {s['n']:,} | {s['mine_s']:.2f} | {s['faiss_self_knn_s']:.2f} | "
                   f"{s['faiss_self_top1_s']:.2f} |" for s in d["sizes"]]
-    elif name == "full_pipeline" and "stages" in d:
+    elif "stages" in d:  # the whole pipeline on real data (rows 8, 11, 12)
         lines += ["| stage | wall time (s) | peak RSS (GiB) | the stage's own timing |",
                   "|---|---|---|---|"]
         lines += [f"| {s['stage']} | {s['seconds']:.0f} | {s['peak_rss_gib']:.2f} | "
                   + ", ".join(f"{k} {v:.3g}" for k, v in s.get("timing", {}).items()
                               if isinstance(v, int | float)) + " |" for s in d["stages"]]
         lines.append(f"| **all** | **{d['total_s']:.0f}** | **{d['peak_rss_gib']:.2f}** | |")
+        if d.get("test"):
+            keys = list(next(iter(d["test"].values())))
+            lines += ["", "| test split | " + " | ".join(keys) + " |",
+                      "|---|" + "---|" * len(keys)]
+            lines += [f"| {model} | " + " | ".join(f"{v:.3f}" for v in values.values()) + " |"
+                      for model, values in d["test"].items()]
     elif name == "numerics" and "speed" in d:
         lines += ["| model | task | configuration | images/s | speed-up vs fp32 NCHW |",
                   "|---|---|---|---|---|"]

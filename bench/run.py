@@ -29,7 +29,8 @@ from pathlib import Path
 import common
 
 ROWS = {1: "extraction", 2: "training", 3: "frozen_cache", 4: "image_cache", 5: "search",
-        6: "mining", 7: "dvc_noop", 8: "full_pipeline", 9: "numerics", 10: "pretrained"}
+        6: "mining", 7: "dvc_noop", 8: "full_pipeline", 9: "numerics", 10: "pretrained",
+        11: "class_disjoint", 12: "leeds"}
 RESULTS = common.REPO / "bench" / "results"
 MARKDOWN = common.REPO / "BENCHMARKS.md"
 WORKDIR = common.REPO / ".cache" / "bench"  # decoded subsets, reused (content-addressed)
