@@ -33,14 +33,12 @@ def main() -> None:
         inputs = report.load_inputs("metrics", "plots", flat, run_info, experiments,
                                     "data/prepared/excluded.csv")
         shutil.rmtree(FIGURES, ignore_errors=True)  # figures of a stage that no longer exists
-        lr_figure = report.lr_schedule_figure(inputs.histories)
-        if lr_figure is not None:
-            outputs.save_figure(lr_figure, FIGURES / f"{report.LR_FIGURE}.png")
-            inputs.figures[report.LR_FIGURE] = FIGURES / f"{report.LR_FIGURE}.png"
         for key, path in inputs.figures.items():  # report.md and its images travel together
-            if key != report.LR_FIGURE:
-                with outputs.atomic_path(FIGURES / f"{key}.png") as temp:
-                    shutil.copyfile(path, temp)
+            with outputs.atomic_path(FIGURES / f"{key}.png") as temp:
+                shutil.copyfile(path, temp)
+        for key, figure in list(report.drawn_figures(inputs)):
+            outputs.save_figure(figure, FIGURES / f"{key}.png")
+            inputs.figures[key] = FIGURES / f"{key}.png"
         sections = report.build_sections(inputs)
         with outputs.atomic_path(OUT / "report.md") as temp:
             temp.write_text(report.render_markdown(

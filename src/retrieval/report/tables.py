@@ -1,0 +1,250 @@
+"""The sections' tables (and the few fixed paragraphs), built from the inputs.
+
+Every public function is `(Inputs) -> list[Block]` and returns nothing for inputs that are absent:
+sections.py reports a stage that has not run, so these never have to.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import pandas as pd
+
+from retrieval.report.document import Block, Bullets, Missing, Table, Text
+from retrieval.report.formatting import fmt, fmt_param, number, with_ci
+from retrieval.report.inputs import MODELS, STAGES, TRAIN_STAGES, Inputs, lr_changes
+
+VERIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "eer",
+                        "fnmr_at_fmr_1e-2", "fnmr_at_fmr_1e-3", "threshold", "tp", "tn", "fp",
+                        "fn")
+RETRIEVAL_METRICS = ("precision_at_1", "precision_at_5", "recall_at_1", "recall_at_5",
+                     "recall_at_10", "map", "map_at_r")
+LOWER_IS_BETTER = {"eer", "fnmr_at_fmr_1e-2", "fnmr_at_fmr_1e-3", "fp", "fn"}
+NOT_COMPARED = {"threshold", "embedding_dim", "n_queries", "n_queries_without_relevant", "ranks",
+                "map_exact"}
+LABELS = {"accuracy": "pair accuracy", "precision": "pair precision", "recall": "pair recall",
+          "f1": "pair F1", "roc_auc": "ROC AUC", "eer": "equal error rate",
+          "fnmr_at_fmr_1e-2": "FNMR at FMR 1e-2", "fnmr_at_fmr_1e-3": "FNMR at FMR 1e-3",
+          "threshold": "distance threshold", "tp": "true positives", "tn": "true negatives",
+          "fp": "false positives", "fn": "false negatives", "precision_at_1": "P@1",
+          "precision_at_5": "P@5", "recall_at_1": "R@1", "recall_at_5": "R@5",
+          "recall_at_10": "R@10", "map": "mAP", "map_at_r": "MAP@R"}
+
+
+def frame_table(frame: pd.DataFrame, caption: str = "") -> Table:
+    """A DataFrame as a table, every cell printed by `fmt`."""
+    rows = tuple(tuple(fmt(v.item() if hasattr(v, "item") else v) for v in row)
+                 for row in frame.itertuples(index=False))
+    return Table(tuple(map(str, frame.columns)), rows, caption)
+
+
+def model_table(scores: Mapping[str, Mapping], names: Sequence[str], caption: str = "") -> Table:
+    """Rows: metrics; columns: baseline, frozen, unfrozen (with 95% CIs) and the best model."""
+    models = [m for m in MODELS if m in scores]
+    rows = []
+    for name in names:
+        values = {m: number(scores[m].get(name)) for m in models}
+        if all(v is None for v in values.values()):
+            continue
+        printed = {m: fmt(v) for m, v in values.items() if v is not None}
+        best = ""
+        if name not in NOT_COMPARED and len(set(printed.values())) > 1:
+            pick = min if name in LOWER_IS_BETTER else max
+            top = fmt(pick(v for v in values.values() if v is not None))
+            best = ", ".join(m for m, v in printed.items() if v == top)  # ties as printed
+        direction = "" if name in NOT_COMPARED else "lower" if name in LOWER_IS_BETTER \
+            else "higher"
+        rows.append((LABELS.get(name, name), direction,
+                     *(with_ci(scores[m], name) for m in models), best))
+    return Table(("metric", "better", *models, "best"), tuple(rows), caption)
+
+
+def _other_metrics(scores: Mapping[str, Mapping]) -> list[str]:
+    """Numeric metrics evaluate.json has that neither table names (a new metric is shown)."""
+    known = set(VERIFICATION_METRICS) | set(RETRIEVAL_METRICS) | NOT_COMPARED
+    names: set[str] = set()
+    for values in scores.values():
+        if isinstance(values, dict):
+            names |= {k for k, v in values.items() if number(v) is not None and k not in known
+                      and not re.search(r"_ci_(low|high)$", k)}
+    return sorted(names)
+
+
+def data(inputs: Inputs) -> list[Block]:
+    """The dataset, the split counts, images per class and split, the excluded files."""
+    prepare, split = inputs.metrics.get("prepare"), inputs.metrics.get("split")
+    blocks: list[Block] = []
+    if prepare is not None:
+        blocks.append(Table(("images", "classes", "smallest class", "largest class",
+                             "excluded files", "images with mask"),
+                            ((fmt(prepare.get("images")), fmt(prepare.get("classes")),
+                              fmt(prepare.get("min_class_size")),
+                              fmt(prepare.get("max_class_size")), fmt(prepare.get("excluded")),
+                              fmt(prepare.get("images_with_mask"))),), "The dataset"))
+    if split is not None:
+        blocks.append(Table(("split", "images", "classes"), tuple(
+            (name, fmt(split.get(f"{name}_images")), fmt(split.get(f"{name}_classes")))
+            for name in ("train", "val", "test")), f"Split counts ({split.get('mode')})"))
+    counts = inputs.class_counts
+    if counts is not None and len(counts):
+        shown = counts
+        caption = "Images per class and split"
+        if len(counts) > 40:
+            total = counts[["train", "val", "test"]].sum(axis=1)
+            shown = counts.loc[total.sort_values(kind="stable").index[:20]]
+            caption += f" (the 20 smallest of {len(counts)} classes)"
+        blocks.append(frame_table(shown, caption))
+    excluded = inputs.excluded
+    if excluded is not None and len(excluded):
+        blocks.append(frame_table(excluded.head(50), "Excluded files" + (
+            f" (first 50 of {len(excluded)})" if len(excluded) > 50 else "")))
+    elif prepare and prepare.get("excluded_files"):
+        files = prepare["excluded_files"]
+        blocks.append(Bullets(tuple(map(str, files[:50])), "Excluded files"))
+    return blocks
+
+
+def normalization(inputs: Inputs) -> list[Block]:
+    """Per-channel mean and std before and after normalisation."""
+    metrics = inputs.metrics.get("verify_normalization")
+    if metrics is None:
+        return []
+    rows = tuple((channel, *(fmt(metrics.get(f"{kind}_{channel.lower()}")) for kind in
+                             ("raw_mean", "raw_std", "normalized_mean", "normalized_std")))
+                 for channel in ("R", "G", "B"))
+    return [Table(("channel", "mean before", "std before", "mean after", "std after"), rows,
+                  f"Per-channel statistics of {metrics.get('images')} training images at "
+                  f"{metrics.get('image_size')} px (after: the model's input)")]
+
+
+def training(inputs: Inputs) -> list[Block]:
+    """The training stages' summary metrics side by side."""
+    stages = [s for s in TRAIN_STAGES if s in inputs.metrics]
+    if not stages:
+        return []
+    names = ("best_epoch", "best_val_loss", "epochs_run", "stopped", "lr_reductions",
+             "val_accuracy_before", "val_accuracy", "val_precision", "val_recall",
+             "val_f1_before", "val_f1", "threshold")
+    rows = tuple((name, *(fmt(inputs.metrics[s].get(name)) for s in stages)) for name in names
+                 if any(name in inputs.metrics[s] for s in stages))
+    return [Table(("metric (validation)", *stages), rows,
+                  "Training summary (the best epoch is the one with the lowest validation loss; "
+                  "its weights are kept)")]
+
+
+def lr_schedule(inputs: Inputs) -> list[Block]:
+    """Initial lr, its changes and the final lr per training stage (or that none ran)."""
+    rows = []
+    for stage, history in inputs.histories.items():
+        changes = lr_changes(history)
+        if "lr" in history and len(history):
+            rows.append((stage, fmt_param(float(history["lr"].iloc[0])),
+                         "; ".join(f"epoch {e}: {fmt_param(old)} to {fmt_param(new)}"
+                                   for e, old, new in changes) or "none",
+                         fmt_param(float(history["lr"].iloc[-1]))))
+    if not rows:
+        return [Missing("No training history found (plots/train_*/history.csv): run "
+                        "`dvc repro train_unfrozen`.")]
+    factor = inputs.params.get("train.lr_factor")
+    patience = inputs.params.get("train.lr_patience")
+    caption = "Learning rate per training stage"
+    if factor is not None:
+        caption += (f" (ReduceLROnPlateau: x{fmt_param(factor)} after {patience} "
+                    f"epoch{'' if patience == 1 else 's'} without a lower validation loss)")
+    return [Table(("stage", "initial lr", "changes", "final lr"), tuple(rows), caption)]
+
+
+def comparison(inputs: Inputs) -> list[Block]:
+    """Pair verification and retrieval metrics of the three models, with 95% CIs."""
+    scores = inputs.metrics.get("evaluate")
+    if scores is None:
+        return []
+    scores = {m: v for m, v in scores.items() if m in MODELS and isinstance(v, dict)}
+    blocks: list[Block] = [
+        Text("Baseline: the backbone before any training (its pooled descriptor); frozen: the "
+             "head trained on the frozen backbone; unfrozen: the whole network fine-tuned. "
+             "Square brackets give 95% bootstrap confidence intervals."),
+        model_table(scores, VERIFICATION_METRICS, "Pair verification on the test pairs "
+                    "(threshold chosen on validation pairs)"),
+        model_table(scores, RETRIEVAL_METRICS + tuple(_other_metrics(scores)),
+                    "Retrieval: test queries against the gallery")]
+    any_model = next(iter(scores.values()), {})
+    if "n_queries" in any_model:
+        blocks.append(Text(f"{any_model['n_queries']} queries, ranked against "
+                           f"{any_model.get('ranks')} gallery images each; "
+                           + ", ".join(f"{m}: {scores[m].get('embedding_dim')}-d"
+                                       for m in scores) + " embeddings."))
+    return blocks
+
+
+def embeddings(inputs: Inputs) -> list[Block]:
+    """Embedding dimension and silhouette per model."""
+    metrics = inputs.metrics.get("embed_viz")
+    if metrics is None:
+        return []
+    rows = tuple((m, fmt(metrics[m].get("embedding_dim")), fmt(metrics[m].get("silhouette")))
+                 for m in MODELS if isinstance(metrics.get(m), dict))
+    perplexity = metrics.get("perplexity_used", metrics.get("perplexity"))
+    return [Table(("model", "dimensions", "silhouette"), rows,
+                  f"Silhouette scores of {metrics.get('points')} test embeddings "
+                  f"({metrics.get('classes')} classes); t-SNE perplexity {fmt_param(perplexity)}")]
+
+
+def saliency(inputs: Inputs) -> list[Block]:
+    """IoU and Dice of every model's saliency methods and of the trivial baselines."""
+    metrics = inputs.metrics.get("gradcam_segment")
+    if metrics is None:
+        return []
+    if not metrics.get("iou_computed", False):
+        return [Missing(metrics.get("reason", "IoU was not computed (no ground-truth masks)."))]
+    rows = []
+    for model in MODELS:
+        for method, v in (metrics.get(model) or {}).items():
+            rows.append((model, method, str(v.get("binarization", "")),
+                         fmt(v.get("val_mean_iou")), fmt(v.get("mean_iou")),
+                         fmt(v.get("median_iou")), fmt(v.get("mean_dice"))))
+    for name, v in (metrics.get("baselines") or {}).items():
+        rows.append(("trivial baseline", name, "", "", fmt(v.get("mean_iou")),
+                     fmt(v.get("median_iou")), fmt(v.get("mean_dice"))))
+    images = metrics.get("images") or {}
+    return [Table(("model", "method", "binarisation (chosen on val)", "val mean IoU",
+                   "test mean IoU", "test median IoU", "test mean Dice"), tuple(rows),
+                  "Saliency masks against the ground-truth masks" + (
+                      f" ({images.get('val')} val, {images.get('test')} test images)"
+                      if isinstance(images, dict) and images else ""))]
+
+
+def experiments(inputs: Inputs) -> list[Block]:
+    """The pipeline runs recorded in MLflow, side by side (or how to make some)."""
+    table = inputs.experiments
+    if table is None:
+        return [Missing("MLflow was not searched for other experiments.")]
+    if len(table) < 2:
+        return [Text("Only one pipeline run with test metrics is recorded in MLflow. Run "
+                     "experiments (e.g. `dvc exp run -S lr=0.0003`) and `dvc repro report` "
+                     "to compare them here.")]
+    return [frame_table(table, "Pipeline runs recorded in MLflow (parameters that differ "
+                        "between them; test metrics), best unfrozen mAP first")]
+
+
+def configuration(inputs: Inputs) -> list[Block]:
+    """This run's commit, experiment and MLflow runs, and every parameter."""
+    run = inputs.run
+    blocks: list[Block] = [Table(("item", "value"), (
+        ("git commit", run.git_commit), ("DVC experiment", run.dvc_experiment),
+        ("MLflow experiment", "retrieval"),
+        ("MLflow parent run", run.run_ids.get("pipeline", "n/a"))), "This run")]
+    order = {stage: i for i, stage in enumerate((*STAGES, "report"))}
+    stage_ids = tuple(sorted(((s, i) for s, i in run.run_ids.items() if s != "pipeline"),
+                             key=lambda item: (order.get(item[0], len(order)), item[0])))
+    reused = tuple((s, "not re-run in this execution (see an earlier run in MLflow)")
+                   for s in inputs.metrics if s not in run.run_ids)
+    if stage_ids or reused:
+        blocks.append(Table(("stage", "MLflow run id"), stage_ids + reused,
+                            "MLflow runs of the stages"))
+    if inputs.params:
+        blocks.append(Table(("parameter", "value"), tuple(
+            (k, fmt_param(v)) for k, v in sorted(inputs.params.items())),
+            "All parameters (params.yaml)"))
+    return blocks
