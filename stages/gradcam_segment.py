@@ -24,9 +24,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from retrieval import cache, config, data, models, outputs, runtime, segmentation, tracking
+from retrieval import cache, config, data, models, outputs, runtime, tracking
 from retrieval.outputs import UserError
 from retrieval.plots import segmentation as figures
+from retrieval.segmentation import experiment, explainers, geometry, summary
 
 STAGE = "gradcam_segment"
 OUT, PLOTS = Path("data/gradcam"), Path("plots") / STAGE
@@ -43,49 +44,49 @@ def main() -> None:
     if checkpoint.get("image_size", size) != size:
         raise UserError(f"{FROZEN} was trained at {checkpoint['image_size']} px but "
                         f"data.image_size is {size}: run `dvc repro` to retrain")
-    explainers = [segmentation.backbone_explainer("baseline", frozen.to(device)),
-                  segmentation.model_explainer("frozen", frozen),
-                  segmentation.model_explainer("unfrozen", unfrozen.to(device))]
+    explained = [explainers.backbone_explainer("baseline", frozen.to(device)),
+                 explainers.model_explainer("frozen", frozen),
+                 explainers.model_explainer("unfrozen", unfrozen.to(device))]
     checkpoint_of = {"baseline": FROZEN, "frozen": FROZEN, "unfrozen": UNFROZEN}
     keys = ("seed", "device", "precision", "data", STAGE)
     with tracking.stage_run(STAGE, config.select(params, keys),
                             config.flatten(config.to_dict(params))) as run, \
             _replaced(OUT) as out:
         images = cache.images_for(table["file"].tolist(), size)
-        result = segmentation.evaluate(
-            explainers, images, table, params.gradcam_segment, params.seed, size,
+        result = experiment.evaluate(
+            explained, images, table, params.gradcam_segment, params.seed, size,
             params.precision, write_mask=lambda model, method, row, mask:
-            segmentation.write_mask_png(out / "masks" / model / method /
-                                        Path(row["path"]).with_suffix(".png"), mask))
+            geometry.write_mask_png(out / "masks" / model / method /
+                                    Path(row["path"]).with_suffix(".png"), mask))
         for explainer in result.explainers:
             chosen = result.choices[result.choices["model"] == explainer.name]
-            segmentation.save_explainer(out / "prototypes" / f"{explainer.name}.npz", explainer,
-                                        checkpoint_of[explainer.name],
-                                        dict(zip(chosen["method"], chosen["binarization"],
-                                                 strict=True)))
+            explainers.save_explainer(out / "prototypes" / f"{explainer.name}.npz", explainer,
+                                      checkpoint_of[explainer.name],
+                                      dict(zip(chosen["method"], chosen["binarization"],
+                                               strict=True)))
         outputs.write_csv(out / "per_image.csv", result.scores)
 
-        summary = segmentation.summary_table(result)
-        outputs.write_csv(PLOTS / "iou_table.csv", summary)
+        iou_table = summary.summary_table(result)
+        outputs.write_csv(PLOTS / "iou_table.csv", iou_table)
         with outputs.atomic_path(PLOTS / "iou_table.md") as temp:
-            temp.write_text(segmentation.markdown_table(summary))
-        outputs.write_csv(PLOTS / "per_class.csv", segmentation.per_class_table(result))
+            temp.write_text(summary.markdown_table(iou_table))
+        outputs.write_csv(PLOTS / "per_class.csv", summary.per_class_table(result))
         shown = result.overlays
         for name in checkpoint_of:
             outputs.save_figure(figures.overlays(
                 shown.views, shown.labels, shown.truth, shown.has_truth, *shown.of_model(name),
                 f"{STAGE}: {name} model, test images (yellow: predicted, green: ground truth)"),
                 PLOTS / f"overlays_{name}.png")
-        trivial = summary[summary["model"] == "trivial"]
+        trivial = iou_table[iou_table["model"] == "trivial"]
         outputs.save_figure(figures.iou_histogram(
             result.scores, dict(zip(trivial["method"], trivial["mean_iou"], strict=True))),
             PLOTS / "iou_histogram.png")
 
-        metrics = segmentation.metrics(result)
+        metrics = summary.metrics(result)
         outputs.write_json(f"metrics/{STAGE}.json", metrics)
         timing = {"seconds": time.perf_counter() - started,
                   "images_explained": (result.images["val"] + result.images["test"])
-                  * len(explainers) * len(params.gradcam_segment.methods)}
+                  * len(explained) * len(params.gradcam_segment.methods)}
         outputs.write_json(f"metrics/timing/{STAGE}.json", timing)
         # MLflow metric names may not contain "+" (gradcam++ -> gradcampp).
         flat = {k.replace("+", "p"): v for k, v in config.flatten(metrics).items()}

@@ -1,6 +1,7 @@
 """Saliency, binarisation, mask scores and baselines, on tiny models whose answer is known."""
 
 import copy
+import re
 
 import cv2
 import numpy as np
@@ -21,10 +22,12 @@ from retrieval.cam import (
     class_prototypes,
     dice,
     dice_batch,
+    format_binarization,
     full_mask,
     guided_relus,
     iou,
     iou_batch,
+    parse_binarization,
     saliency_maps,
     summarize,
 )
@@ -177,6 +180,44 @@ def test_binarize_rejects_bad_options() -> None:
         binarize(saliency, "top_percent", 0.3 * 1000)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         binarize(saliency + 2, "fixed", 0.5)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("otsu", ("otsu", None)),
+        ("top_percent:30", ("top_percent", 30.0)),
+        ("top_percent:12.5", ("top_percent", 12.5)),
+        ("fixed:0.5", ("fixed", 0.5)),
+        ("fixed:0", ("fixed", 0.0)),
+        ("fixed:1", ("fixed", 1.0)),
+    ],
+)
+def test_parse_binarization(text: str, expected: tuple) -> None:
+    assert parse_binarization(text) == expected
+    assert format_binarization(expected) == text
+    assert parse_binarization("fixed:.25") == ("fixed", 0.25)
+
+
+@pytest.mark.parametrize(
+    "text, reason",
+    [
+        ("otsu:3", "use otsu"),  # otsu takes no value
+        ("otsu:", "use otsu"),
+        ("fixed", "use otsu"),  # the others need one
+        ("fixed:1.5", "lies in [0, 1]"),
+        ("top_percent:101", "percentage"),
+        ("top_percent:x", "use otsu"),
+        ("top_percent:-5", "use otsu"),
+        ("top_percent:1e1", "use otsu"),  # plain decimals only, as params.yaml is written
+        ("top_percent: 5", "use otsu"),
+        ("median", "use otsu"),
+        ("", "use otsu"),
+    ],
+)
+def test_parse_binarization_rejects(text: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        parse_binarization(text)
 
 
 def test_choose_binarization_picks_the_best_candidate() -> None:

@@ -1,5 +1,5 @@
-"""The `retrieval` command on a tiny model built here: compare, search, the segment hook, and
-one-line errors with exit code 2 for bad input."""
+"""The `retrieval` command on a tiny model built here: compare, search, segment, and one-line
+errors with exit code 2 for bad input."""
 
 import subprocess
 import sys
@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from retrieval import cli, evaluation, models, search
 from retrieval.config import ModelConfig
 from tests.conftest import call_cli
+from tests.test_segmentation import CLASSES, make_folder, prototypes_file, save_net
 
 IMAGE_SIZE = 32
 SHAPES = {"red_square": ((220, 30, 30), "rectangle"), "blue_disc": ((30, 60, 220), "ellipse"),
@@ -151,19 +152,119 @@ def test_search_warns_when_the_index_was_built_with_another_model(workspace, cap
     assert code == 0 and "warning" in err and "another model" in err
 
 
-def test_segment_is_handed_to_the_segmentation_module(monkeypatch, capsys):
-    seen = []
-    fake = types.ModuleType("retrieval.segmentation")
-    fake.segment_main = lambda argv: seen.append(argv) or 0
-    monkeypatch.setitem(sys.modules, "retrieval.segmentation", fake)
-    assert call(["segment", "images/", "--out", "masks/"], capsys)[0] == 0
-    assert seen == [["images/", "--out", "masks/"]]
+# --- retrieval segment (on the images of test_segmentation) ------------------------------------
 
 
-def test_segment_without_the_module_is_a_user_error(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "retrieval.segmentation", None)
-    code, _, err = call(["segment", "x"], capsys)
-    assert code == 2 and "not available" in err
+@pytest.fixture
+def folder(tmp_path):
+    """Images with masks, an embedding model and its explainer file (class prototypes)."""
+    torch.manual_seed(0)
+    make_folder(tmp_path / "images", tmp_path / "masks", per_class=2)
+    net = save_net(tmp_path / "model.pt")
+    return tmp_path, prototypes_file(tmp_path, tmp_path / "model.pt", net)
+
+
+def test_segment_writes_masks_and_an_iou_table(folder, capsys):
+    tmp_path, prototypes = folder
+    (tmp_path / "images" / "alpha" / "notes.txt").write_text("not an image")
+    code, out, err = call(["segment", tmp_path / "images", "--out", tmp_path / "out",
+                           "--masks", tmp_path / "masks", "--model", tmp_path / "model.pt",
+                           "--prototypes", prototypes, "--device", "cpu"], capsys)
+    assert code == 0, err
+    assert "skipped 1 file(s) that are not images: alpha/notes.txt" in err
+    assert "wrote 6 masks" in out and "top_percent:30" in out  # the stored choice
+    masks = sorted((tmp_path / "out").rglob("*.png"))
+    assert len(masks) == 6
+    with Image.open(masks[0]) as mask:
+        assert mask.size == (52, 40) and mask.mode == "L"
+        assert set(np.unique(np.asarray(mask))) <= {0, 255}
+    table = pd.read_csv(tmp_path / "out" / "iou_table.csv")
+    assert (table["mask_status"] == "ok").all() and table["iou"].between(0, 1).all()
+    assert set(table["file"]) == {f"{c}/{i}.png" for c in CLASSES for i in range(2)}
+
+
+def test_segment_without_masks_and_with_a_classifier(tmp_path, capsys):
+    torch.manual_seed(0)
+    make_folder(tmp_path / "images", per_class=1)
+    save_net(tmp_path / "ce.pt", num_classes=3)
+    code, out, err = call(["segment", tmp_path / "images", "--out", tmp_path / "out",
+                           "--model", tmp_path / "ce.pt", "--method", "guided_backprop",
+                           "--binarize", "fixed:0.5"], capsys)
+    assert code == 0, err
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 3
+    assert not (tmp_path / "out" / "iou_table.csv").exists()
+    assert "guided_backprop, fixed:0.5" in out
+
+
+def fails_with_one_line(argv, capsys, match):
+    code, _, err = call(["segment", *argv], capsys)
+    err = err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and match in err, err
+
+
+def test_segment_errors(folder, capsys):
+    tmp_path, prototypes = folder
+    images, out = str(tmp_path / "images"), str(tmp_path / "out")
+    common = ["--model", str(tmp_path / "model.pt"), "--prototypes", str(prototypes)]
+    fails_with_one_line([str(tmp_path / "nowhere"), "--out", out, *common], capsys,
+                        "does not exist")
+    fails_with_one_line([images, "--out", out, "--masks", str(tmp_path / "nomasks"), *common],
+                        capsys, "masks folder")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "a.jpg").write_bytes(b"not a jpeg")
+    (junk / "b.txt").write_text("text")
+    fails_with_one_line([str(junk), "--out", out, *common], capsys, "contains no images")
+    fails_with_one_line([images, "--out", str(tmp_path / "images" / "masks"), *common], capsys,
+                        "lies inside")
+    # Model files of another kind: a torchvision state_dict, a text file.
+    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "state.pt")
+    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "state.pt")], capsys,
+                        "not a checkpoint written by this project")
+    (tmp_path / "text.pt").write_text("hello")
+    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "text.pt")], capsys,
+                        "refusing to load")
+    # An embedding model needs prototypes, and those of its own checkpoint.
+    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "model.pt")], capsys,
+                        "needs class prototypes")
+    save_net(tmp_path / "other.pt")
+    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "other.pt"),
+                         "--prototypes", str(prototypes)], capsys, "another model file")
+    fails_with_one_line([images, "--out", out, *common, "--binarize", "top_percent:200"],
+                        capsys, "percentage")
+
+
+def test_segment_and_the_stage_read_one_binarisation_grammar(folder, capsys):
+    """What params.yaml accepts, --binarize accepts, and the other way round."""
+    from retrieval.config import ParamsError, params_from_dict
+
+    tmp_path, prototypes = folder
+    argv = [tmp_path / "images", "--out", tmp_path / "out", "--model", tmp_path / "model.pt",
+            "--prototypes", prototypes, "--device", "cpu", "--binarize"]
+    for text in ("fixed:.25", "top_percent:12.5", "otsu:", "fixed:1.5", "top_percent:1e1"):
+        try:
+            params_from_dict({"gradcam_segment": {"binarize": [text]}})
+            accepted = True
+        except ParamsError:
+            accepted = False
+        code, _, _ = call(["segment", *argv, text], capsys)
+        assert (code == 0) == accepted, text
+
+
+def test_segment_method_choices_are_the_saliency_registry():
+    from retrieval import cam
+
+    actions = {a.dest: a for a in cli.segment_parser()._actions}
+    assert tuple(actions["method"].choices) == tuple(cam.SALIENCY_METHODS)
+
+
+def test_the_command_list_starts_without_torch():
+    # Only `retrieval segment` builds its parser from cam's registry (which imports torch).
+    code = ("import sys; from retrieval import cli; cli.build_parser(); "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
 
 
 def test_python_dash_m_retrieval_shows_the_commands():

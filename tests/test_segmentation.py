@@ -1,8 +1,9 @@
-"""Segmentation from saliency: mask geometry, explainers, the experiment and `retrieval segment`.
+"""Segmentation from saliency: mask geometry, explainers, the experiment and its summaries.
 
 Tiny from-scratch models (cifar_resnet, n=1) on Pillow-made images of one bright ellipse over a
 dark, noisy background; the ellipse is the mask. The models are untrained, so the tests check
 plumbing and known answers (geometry, trivial baselines, file layout), not segmentation quality.
+The `retrieval segment` command is tested in test_cli.py, on the same images.
 """
 
 import json
@@ -14,11 +15,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from retrieval import cam, models, segmentation, transforms
+from retrieval import cam, models, transforms
 from retrieval.cache import ImageCache
 from retrieval.config import GradcamConfig, ModelConfig, ParamsError, params_from_dict
 from retrieval.outputs import UserError
 from retrieval.plots import segmentation as figures
+from retrieval.segmentation import experiment, explainers, geometry, summary
 
 SIZE = 32  # model input side: the cifar trunk's last block is 8 x 8
 CLASSES = ("alpha", "beta", "gamma")
@@ -84,7 +86,7 @@ def test_align_mask_follows_the_images_own_transforms(shape):
     image, truth = draw(*shape, (6, 7, 30, 29), seed=1)
     white = Image.fromarray(np.where(truth[..., None], 255, 0).astype(np.uint8).repeat(3, 2))
     view = transforms.eval_crop(SIZE)(transforms.decode_transform(SIZE)(white))
-    aligned = segmentation.align_mask(truth, SIZE)
+    aligned = geometry.align_mask(truth, SIZE)
     assert aligned.shape == (SIZE, SIZE)
     np.testing.assert_array_equal(aligned, view[0].numpy() >= 128)
 
@@ -93,17 +95,17 @@ def test_align_mask_follows_the_images_own_transforms(shape):
 def test_restore_mask_inverts_align_mask(shape):
     h, w = shape
     _, truth = draw(h, w, (w // 4, h // 4, 3 * w // 4, 3 * h // 4), seed=2)
-    view = segmentation.align_mask(truth, SIZE)
-    restored = segmentation.restore_mask(view, h, w)
+    view = geometry.align_mask(truth, SIZE)
+    restored = geometry.restore_mask(view, h, w)
     assert restored.shape == (h, w)
-    assert cam.iou(segmentation.align_mask(restored, SIZE), view) > 0.9
+    assert cam.iou(geometry.align_mask(restored, SIZE), view) > 0.9
     assert cam.iou(restored, truth) > 0.85  # the centred object lies inside the crop
 
 
 def test_restored_full_view_is_the_centre_crop_window():
     # 40 x 60 with image_size 32: resized to 37 x 55 (cache side 37), the view is rows 2..34 and
     # columns 11..43 of that, i.e. about rows 2..37 and columns 18..71*60/55 of the original.
-    restored = segmentation.restore_mask(np.ones((SIZE, SIZE), bool), 40, 60)
+    restored = geometry.restore_mask(np.ones((SIZE, SIZE), bool), 40, 60)
     assert restored[20, 30] and not restored[20, 0] and not restored[20, 59]
     columns = np.flatnonzero(restored[20])
     rows = np.flatnonzero(restored[:, 30])
@@ -116,7 +118,7 @@ def test_restored_full_view_is_the_centre_crop_window():
 
 def test_pooled_descriptor_is_the_normalised_backbone_feature():
     net = tiny_net()
-    explainer = segmentation.backbone_explainer("baseline", net)
+    explainer = explainers.backbone_explainer("baseline", net)
     x = torch.randn(3, 3, SIZE, SIZE)
     with torch.no_grad():
         expected = F.normalize(net.features(x), dim=1)
@@ -127,7 +129,7 @@ def test_pooled_descriptor_is_the_normalised_backbone_feature():
 
 def test_prototype_targets_use_the_label_or_the_nearest_prototype():
     net = tiny_net()
-    explainer = segmentation.model_explainer("m", net)
+    explainer = explainers.model_explainer("m", net)
     x = torch.randn(4, 3, SIZE, SIZE)
     with torch.no_grad():
         z = net(x)  # (4, 8), unit norm
@@ -143,30 +145,15 @@ def test_prototype_targets_use_the_label_or_the_nearest_prototype():
 
 def test_classifier_target_is_the_predicted_logit():
     net = tiny_net(num_classes=3)
-    explainer = segmentation.model_explainer("ce", net)
+    explainer = explainers.model_explainer("ce", net)
     assert (explainer.target, explainer.view) == ("logit", "classifier")
     x = torch.randn(5, 3, SIZE, SIZE)
     with torch.no_grad():
         logits = net.classifier(net(x, normalize=False))
     assert [t.index for t in explainer.targets(x)] == logits.argmax(1).tolist()
-    maps = segmentation.explain(explainer, "gradcam", (torch.rand(5, 3, SIZE, SIZE) * 255)
+    maps = explainers.explain(explainer, "gradcam", (torch.rand(5, 3, SIZE, SIZE) * 255)
                                 .to(torch.uint8))
     assert maps.shape == (5, SIZE, SIZE) and maps.min() >= 0 and maps.max() <= 1
-
-
-@pytest.mark.parametrize("text, expected", [("otsu", ("otsu", None)),
-                                            ("top_percent:30", ("top_percent", 30.0)),
-                                            ("fixed:0.5", ("fixed", 0.5))])
-def test_parse_binarization(text, expected):
-    assert segmentation.parse_binarization(text) == expected
-    assert segmentation.format_binarization(expected) == text
-
-
-@pytest.mark.parametrize("text", ["otsu:3", "fixed", "fixed:1.5", "top_percent:101",
-                                  "top_percent:x", "median"])
-def test_parse_binarization_rejects(text):
-    with pytest.raises(UserError):
-        segmentation.parse_binarization(text)
 
 
 # --- the experiment on a split table --------------------------------------------------------
@@ -178,8 +165,8 @@ def run_evaluate(tmp_path, masks: bool, methods=("gradcam", "input_gradient")):
     images = ImageCache.build([tmp_path / "images" / p for p in table["path"]], SIZE,
                               tmp_path / "cache", workers=0, progress=False)
     net = tiny_net()
-    explainers = [segmentation.backbone_explainer("baseline", net),
-                  segmentation.model_explainer("frozen", net)]
+    explained = [explainers.backbone_explainer("baseline", net),
+                 explainers.model_explainer("frozen", net)]
     written = {}
 
     def write_mask(model, method, row, mask):
@@ -187,8 +174,8 @@ def run_evaluate(tmp_path, masks: bool, methods=("gradcam", "input_gradient")):
 
     settings = GradcamConfig(methods=methods, binarize=("otsu", "top_percent:30"), overlays=2,
                              max_images=100, batch_size=2)
-    result = segmentation.evaluate(explainers, images, table, settings, seed=0, image_size=SIZE,
-                                   precision="fp32", write_mask=write_mask)
+    result = experiment.evaluate(explained, images, table, settings, seed=0, image_size=SIZE,
+                                 precision="fp32", write_mask=write_mask)
     return table, result, written
 
 
@@ -204,19 +191,19 @@ def test_evaluate_scores_every_model_method_and_the_trivial_baselines(tmp_path):
     assert len(written) == 2 * 2 * len(test)
     assert all(mask.shape == (40, 52) and mask.dtype == bool for mask in written.values())
     # The full mask's IoU is the foreground fraction of each test mask in the model view.
-    views = [segmentation.align_mask(np.asarray(Image.open(f)) > 127, SIZE)
+    views = [geometry.align_mask(np.asarray(Image.open(f)) > 127, SIZE)
              for f in test["mask_file"]]
     full = result.baselines[result.baselines["baseline"] == "full"]["iou"].to_numpy()
     np.testing.assert_allclose(full, [v.mean() for v in views])
     train = table[table["split"] == "train"]["mask_file"]
     assert result.foreground_fraction == pytest.approx(
-        segmentation.foreground_fraction(train.tolist(), SIZE))
+        experiment.foreground_fraction(train.tolist(), SIZE))
     # Prototypes come from the training images, one per class, unit norm.
     prototypes = result.explainers[1].prototypes
     assert sorted(prototypes) == list(CLASSES)
     assert all(np.linalg.norm(p) == pytest.approx(1, abs=1e-5) for p in prototypes.values())
 
-    metrics = segmentation.metrics(result)
+    metrics = summary.metrics(result)
     assert metrics["iou_computed"] is True
     assert set(metrics["baselines"]) == {"ellipse", "full"}
     assert set(metrics["frozen"]) == {"gradcam", "input_gradient"}
@@ -224,12 +211,12 @@ def test_evaluate_scores_every_model_method_and_the_trivial_baselines(tmp_path):
         metrics["baseline"]["gradcam"])
     assert set(metrics["best_method"]) == {"baseline", "frozen"}
     json.dumps(metrics)  # plain types only
-    summary = segmentation.summary_table(result)
-    assert list(summary["model"]) == ["baseline"] * 2 + ["frozen"] * 2 + ["trivial"] * 2
-    per_class = segmentation.per_class_table(result)
+    iou_table = summary.summary_table(result)
+    assert list(iou_table["model"]) == ["baseline"] * 2 + ["frozen"] * 2 + ["trivial"] * 2
+    per_class = summary.per_class_table(result)
     assert set(per_class["label"]) == set(CLASSES)
     assert per_class["images"].sum() == 6 * len(test)  # 4 explained + 2 trivial, per image
-    assert segmentation.markdown_table(summary).count("\n") == len(summary) + 2
+    assert summary.markdown_table(iou_table).count("\n") == len(iou_table) + 2
 
 
 def test_evaluate_without_masks_still_writes_masks_and_says_iou_was_not_computed(tmp_path):
@@ -237,10 +224,10 @@ def test_evaluate_without_masks_still_writes_masks_and_says_iou_was_not_computed
     assert not result.iou_computed and result.scores.empty and result.baselines.empty
     assert len(written) == 2 * 3
     assert list(result.choices["binarization"]) == ["otsu", "otsu"]  # the first candidate
-    metrics = segmentation.metrics(result)
+    metrics = summary.metrics(result)
     assert metrics["iou_computed"] is False and "not computed" in metrics["reason"]
     assert "mean_iou" not in metrics["frozen"]["gradcam"]
-    assert segmentation.per_class_table(result).empty
+    assert summary.per_class_table(result).empty
     figure = figures.iou_histogram(result.scores, {})
     assert figure is not None
 
@@ -257,116 +244,37 @@ def test_overlay_and_histogram_figures(tmp_path):
 
 
 def test_choose_rows_is_seeded_sorted_and_capped():
-    first = segmentation.choose_rows(100, 10, seed=3, stream=1)
+    first = experiment.choose_rows(100, 10, seed=3, stream=1)
     assert len(first) == 10 and (np.diff(first) > 0).all()
-    np.testing.assert_array_equal(first, segmentation.choose_rows(100, 10, seed=3, stream=1))
-    np.testing.assert_array_equal(segmentation.choose_rows(5, 10, 3, 1), np.arange(5))
+    np.testing.assert_array_equal(first, experiment.choose_rows(100, 10, seed=3, stream=1))
+    np.testing.assert_array_equal(experiment.choose_rows(5, 10, 3, 1), np.arange(5))
 
 
-# --- explainer files and the `retrieval segment` command -------------------------------------
+# --- explainer files -------------------------------------------------------------------------
 
 
 def prototypes_file(tmp_path, model_file, net):
-    explainer = segmentation.model_explainer("unfrozen", net)
+    explainer = explainers.model_explainer("unfrozen", net)
     rng = np.random.default_rng(0)
     explainer.prototypes = {c: (v / np.linalg.norm(v)).astype(np.float32)
                             for c, v in zip(CLASSES, rng.normal(size=(3, 8)), strict=True)}
     path = tmp_path / "unfrozen.npz"
-    segmentation.save_explainer(path, explainer, model_file, {"gradcam": "top_percent:30"})
+    explainers.save_explainer(path, explainer, model_file, {"gradcam": "top_percent:30"})
     return path
 
 
 def test_explainer_file_round_trip_and_model_check(tmp_path):
     net = save_net(tmp_path / "model.pt")
     path = prototypes_file(tmp_path, tmp_path / "model.pt", net)
-    explainer, checkpoint, chosen = segmentation.load_explainer(tmp_path / "model.pt", path)
+    explainer, checkpoint, chosen = explainers.load_explainer(tmp_path / "model.pt", path)
     assert sorted(explainer.prototypes) == list(CLASSES)
     assert chosen == {"gradcam": "top_percent:30"} and checkpoint["image_size"] == SIZE
     save_net(tmp_path / "other.pt")
     with pytest.raises(UserError, match="another model file"):
-        segmentation.load_explainer(tmp_path / "other.pt", path)
+        explainers.load_explainer(tmp_path / "other.pt", path)
     with pytest.raises(UserError, match="needs class prototypes"):
-        segmentation.load_explainer(tmp_path / "model.pt", None)
+        explainers.load_explainer(tmp_path / "model.pt", None)
 
-
-@pytest.fixture
-def folder(tmp_path):
-    make_folder(tmp_path / "images", tmp_path / "masks", per_class=2)
-    net = save_net(tmp_path / "model.pt")
-    return tmp_path, prototypes_file(tmp_path, tmp_path / "model.pt", net)
-
-
-def test_segment_writes_masks_and_an_iou_table(folder, capsys):
-    tmp_path, prototypes = folder
-    (tmp_path / "images" / "alpha" / "notes.txt").write_text("not an image")
-    code = segmentation.segment_main([
-        str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--masks",
-        str(tmp_path / "masks"), "--model", str(tmp_path / "model.pt"), "--prototypes",
-        str(prototypes), "--device", "cpu"])
-    assert code == 0
-    out = capsys.readouterr()
-    assert "skipped 1 file(s) that are not images: alpha/notes.txt" in out.err
-    assert "wrote 6 masks" in out.out and "top_percent:30" in out.out  # the stored choice
-    masks = sorted((tmp_path / "out").rglob("*.png"))
-    assert len(masks) == 6
-    with Image.open(masks[0]) as mask:
-        assert mask.size == (52, 40) and mask.mode == "L"
-        assert set(np.unique(np.asarray(mask))) <= {0, 255}
-    table = pd.read_csv(tmp_path / "out" / "iou_table.csv")
-    assert (table["mask_status"] == "ok").all() and table["iou"].between(0, 1).all()
-    assert set(table["file"]) == {f"{c}/{i}.png" for c in CLASSES for i in range(2)}
-
-
-def test_segment_without_masks_and_with_a_classifier(tmp_path, capsys):
-    make_folder(tmp_path / "images", per_class=1)
-    save_net(tmp_path / "ce.pt", num_classes=3)
-    code = segmentation.segment_main([
-        str(tmp_path / "images"), "--out", str(tmp_path / "out"), "--model",
-        str(tmp_path / "ce.pt"), "--method", "guided_backprop", "--binarize", "fixed:0.5"])
-    assert code == 0
-    assert len(list((tmp_path / "out").rglob("*.png"))) == 3
-    assert not (tmp_path / "out" / "iou_table.csv").exists()
-    assert "guided_backprop, fixed:0.5" in capsys.readouterr().out
-
-
-def fails_with_one_line(argv, capsys, match):
-    with pytest.raises(SystemExit) as exit_info:
-        segmentation.segment_main(argv)
-    assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and match in err, err
-
-
-def test_segment_errors(folder, capsys):
-    tmp_path, prototypes = folder
-    images, out = str(tmp_path / "images"), str(tmp_path / "out")
-    common = ["--model", str(tmp_path / "model.pt"), "--prototypes", str(prototypes)]
-    fails_with_one_line([str(tmp_path / "nowhere"), "--out", out, *common], capsys,
-                        "does not exist")
-    fails_with_one_line([images, "--out", out, "--masks", str(tmp_path / "nomasks"), *common],
-                        capsys, "masks folder")
-    junk = tmp_path / "junk"
-    junk.mkdir()
-    (junk / "a.jpg").write_bytes(b"not a jpeg")
-    (junk / "b.txt").write_text("text")
-    fails_with_one_line([str(junk), "--out", out, *common], capsys, "contains no images")
-    fails_with_one_line([images, "--out", str(tmp_path / "images" / "masks"), *common], capsys,
-                        "lies inside")
-    # Model files of another kind: a torchvision state_dict, a text file.
-    torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "state.pt")
-    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "state.pt")], capsys,
-                        "not a checkpoint written by this project")
-    (tmp_path / "text.pt").write_text("hello")
-    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "text.pt")], capsys,
-                        "refusing to load")
-    # An embedding model needs prototypes, and those of its own checkpoint.
-    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "model.pt")], capsys,
-                        "needs class prototypes")
-    save_net(tmp_path / "other.pt")
-    fails_with_one_line([images, "--out", out, "--model", str(tmp_path / "other.pt"),
-                         "--prototypes", str(prototypes)], capsys, "another model file")
-    fails_with_one_line([images, "--out", out, *common, "--binarize", "top_percent:200"],
-                        capsys, "percentage")
 
 
 @pytest.mark.parametrize("section, message", [
@@ -382,13 +290,25 @@ def test_gradcam_params_are_validated(section, message):
         params_from_dict({"gradcam_segment": section})
 
 
+def test_a_saliency_method_is_one_registry_entry(monkeypatch):
+    """Validation reads cam's registry: an entry added there is a valid method at once."""
+    with pytest.raises(ParamsError, match="has unknown 'blur'"):
+        params_from_dict({"gradcam_segment": {"methods": ["blur"]}})
+    flat = cam.SaliencyMethod(lambda model, images, targets: np.zeros((len(images), 4, 4)))
+    monkeypatch.setitem(cam.SALIENCY_METHODS, "blur", flat)
+    params = params_from_dict({"gradcam_segment": {"methods": ["gradcam", "blur"]}})
+    assert params.gradcam_segment.methods == ("gradcam", "blur")
+    maps = cam.saliency_maps(tiny_net(), torch.zeros(2, 3, 4, 4), [cam.ClassLogit(0)] * 2, "blur")
+    assert maps.shape == (2, 4, 4)
+
+
 def test_a_flat_map_gives_an_empty_mask_whatever_the_setting():
     maps = np.zeros((2, 4, 4), np.float32)
     maps[1, 0, 0] = 1.0  # one informative map, one flat
     for setting in [("top_percent", 25.0), ("otsu", None), ("fixed", 0.0)]:
-        masks = segmentation.binarize_maps(maps, setting)
+        masks = experiment.binarize_maps(maps, setting)
         assert not masks[0].any() and masks[1, 0, 0]
-    np.testing.assert_array_equal(segmentation.constant_maps(maps), [True, False])
+    np.testing.assert_array_equal(experiment.constant_maps(maps), [True, False])
 
 
 def test_choose_setting_takes_the_best_validation_iou_first_on_ties():
@@ -397,8 +317,8 @@ def test_choose_setting_takes_the_best_validation_iou_first_on_ties():
     maps = np.zeros((1, 4, 4), np.float32)
     maps[0, :2] = 1.0
     maps[0, 2, 0] = 0.5
-    split = segmentation.SplitImages(pd.DataFrame({"label": ["a"]}), np.arange(1), truth,
+    split = experiment.SplitImages(pd.DataFrame({"label": ["a"]}), np.arange(1), truth,
                                      np.array([True]), np.array([[4, 4]]))
     # top 25% is a quarter of the half (IoU 0.5); top 50% and fixed:0.75 find it exactly.
     candidates = [("top_percent", 25.0), ("top_percent", 50.0), ("fixed", 0.75)]
-    assert segmentation.choose_setting(maps, split, candidates) == (("top_percent", 50.0), 1.0)
+    assert experiment.choose_setting(maps, split, candidates) == (("top_percent", 50.0), 1.0)

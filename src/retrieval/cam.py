@@ -3,7 +3,9 @@
 What to explain is a small callable *target* applied to one image's model output (the
 pytorch-grad-cam convention): ``SimilarityToPrototype`` for embedding models, ``ClassLogit`` for
 classifiers. ``saliency_maps`` turns a batch of images and one target per image into maps in
-[0, 1]; ``binarize`` turns maps into masks; ``iou``/``dice`` score masks against ground truth;
+[0, 1], with a method of the registry ``SALIENCY_METHODS`` (adding a method is one entry there);
+``binarize`` turns maps into masks, with a setting written in the one binarisation grammar
+(``parse_binarization``); ``iou``/``dice`` score masks against ground truth;
 ``centered_ellipse_mask`` and ``full_mask`` are the trivial baselines the maps have to beat.
 
 Models follow one contract: ``forward(x (B, 3, H, W))`` returns (B, D) embeddings or (B, C) logits,
@@ -13,21 +15,22 @@ convolutional block).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
-from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
-from pytorch_grad_cam.base_cam import BaseCAM
 from torch import nn
 
+# pytorch_grad_cam (and the OpenCV it loads) is imported only when a CAM method runs: config
+# validation reads the registries below, and loading params should not cost seconds of imports.
+if TYPE_CHECKING:
+    from pytorch_grad_cam.base_cam import BaseCAM
+
 Target = Callable[[torch.Tensor], torch.Tensor]
-
-SALIENCY_METHODS = ("gradcam", "gradcam++", "input_gradient", "guided_backprop")
-BINARIZATION_METHODS = ("otsu", "fixed", "top_percent")
-
-_CAM_CLASSES: dict[str, type[BaseCAM]] = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus}
 
 
 # --- targets: what to explain ---------------------------------------------------------------
@@ -94,19 +97,19 @@ def saliency_maps(
 ) -> np.ndarray:
     """(B, H, W) float32 maps in [0, 1], one per image, of what drives ``targets[i]`` on image i.
 
-    ``method``: "gradcam" and "gradcam++" (pytorch-grad-cam on ``model.target_layer``, upsampled
-    to the image size), "input_gradient" (|d target / d image|, max over channels) and
-    "guided_backprop" (the same on guided gradients; only ``nn.ReLU`` modules are guided, a
-    functional ``F.relu`` is not seen). Every map is min-max normalised on its own.
-    The model's training mode, ``requires_grad`` flags and ``.grad`` are left as they were.
+    ``method`` names an entry of ``SALIENCY_METHODS`` (see there). Every map is min-max
+    normalised on its own. The model's training mode, ``requires_grad`` flags and ``.grad`` are
+    left as they were.
     """
     if method not in SALIENCY_METHODS:
-        raise ValueError(f"method must be one of {SALIENCY_METHODS}, got {method!r}")
+        raise ValueError(f"method must be one of {tuple(SALIENCY_METHODS)}, got {method!r}")
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     if len(targets) != len(images):
         raise ValueError(f"targets must have one entry per image: {len(targets)} for {len(images)}")
-    if method in _CAM_CLASSES and not isinstance(getattr(model, "target_layer", None), nn.Module):
+    entry = SALIENCY_METHODS[method]
+    if entry.needs_target_layer and not isinstance(getattr(model, "target_layer", None),
+                                                   nn.Module):
         raise ValueError(f"{method} needs model.target_layer (an nn.Module); the model has none")
 
     device = next(model.parameters()).device
@@ -114,13 +117,7 @@ def saliency_maps(
     # (requires_grad False) can still be explained; it is a copy, the caller's tensor is untouched.
     images = images.detach().to(device).clone().requires_grad_(True)
     with _explaining(model), torch.enable_grad():
-        if method in _CAM_CLASSES:
-            maps = _grad_cam(_CAM_CLASSES[method], model, images, targets)
-        elif method == "input_gradient":
-            maps = _gradient_map(_input_gradients(model, images, targets))
-        else:
-            with guided_relus(model):
-                maps = _gradient_map(_input_gradients(model, images, targets))
+        maps = entry.compute(model, images, targets)
     return np.clip(maps, 0.0, 1.0).astype(np.float32)
 
 
@@ -159,6 +156,33 @@ def _grad_cam(
 ) -> np.ndarray:
     with _released(cam_class(model=model, target_layers=[model.target_layer])) as cam:
         return cam(input_tensor=images, targets=list(targets))  # (B, H, W), already in [0, 1]
+
+
+def _gradcam(model: nn.Module, images: torch.Tensor, targets: Sequence[Target]) -> np.ndarray:
+    from pytorch_grad_cam import GradCAM
+
+    return _grad_cam(GradCAM, model, images, targets)
+
+
+def _gradcam_plus_plus(
+    model: nn.Module, images: torch.Tensor, targets: Sequence[Target]
+) -> np.ndarray:
+    from pytorch_grad_cam import GradCAMPlusPlus
+
+    return _grad_cam(GradCAMPlusPlus, model, images, targets)
+
+
+def _input_gradient(
+    model: nn.Module, images: torch.Tensor, targets: Sequence[Target]
+) -> np.ndarray:
+    return _gradient_map(_input_gradients(model, images, targets))
+
+
+def _guided_backprop(
+    model: nn.Module, images: torch.Tensor, targets: Sequence[Target]
+) -> np.ndarray:
+    with guided_relus(model):
+        return _gradient_map(_input_gradients(model, images, targets))
 
 
 def _input_gradients(
@@ -214,7 +238,80 @@ def guided_relus(model: nn.Module) -> Iterator[None]:
             handle.remove()
 
 
+# --- the registry of saliency methods ----------------------------------------------------------
+# One entry per method, as pytorch-grad-cam's name -> class table: config validation, the
+# `retrieval segment --method` choices and the gradcam_segment stage all read it, so a new
+# method is one function and one entry here.
+
+
+@dataclass(frozen=True)
+class SaliencyMethod:
+    """How to compute a method's maps, and what it needs of the model."""
+
+    # (model, images (B, C, H, W) requiring grad, one target per image) -> (B, H, W) in [0, 1];
+    # called in eval mode with frozen parameters and grad enabled (see ``saliency_maps``).
+    compute: Callable[[nn.Module, torch.Tensor, Sequence[Target]], np.ndarray]
+    needs_target_layer: bool = False  # explains model.target_layer (the last conv block)
+
+
+SALIENCY_METHODS: dict[str, SaliencyMethod] = {
+    # pytorch-grad-cam on model.target_layer, upsampled to the image size.
+    "gradcam": SaliencyMethod(_gradcam, needs_target_layer=True),
+    "gradcam++": SaliencyMethod(_gradcam_plus_plus, needs_target_layer=True),
+    # |d target / d image|, max over channels.
+    "input_gradient": SaliencyMethod(_input_gradient),
+    # The same on guided gradients; only nn.ReLU modules are guided (a functional F.relu is not).
+    "guided_backprop": SaliencyMethod(_guided_backprop),
+}
+
+
 # --- binarisation ---------------------------------------------------------------------------
+
+
+class _ValueRange(NamedTuple):
+    low: float
+    high: float
+    meaning: str  # said when a value lies outside [low, high]
+
+
+# The binarisation grammar, "otsu" | "fixed:<0..1>" | "top_percent:<0..100>": each method and
+# the range of its value (None: it takes none). params.yaml, the stage and `retrieval segment
+# --binarize` all go through ``parse_binarization``.
+_BINARIZATIONS: dict[str, _ValueRange | None] = {
+    "otsu": None,
+    "fixed": _ValueRange(0.0, 1.0, "a fixed threshold lies in [0, 1]"),
+    "top_percent": _ValueRange(0.0, 100.0, "top_percent takes a percentage, 0..100"),
+}
+BINARIZATION_METHODS = tuple(_BINARIZATIONS)
+BINARIZATION_GRAMMAR = "otsu, fixed:<0..1> or top_percent:<0..100>"
+_SETTING = re.compile(r"(?P<method>[a-z_]+)(:(?P<value>\d+(\.\d+)?|\.\d+))?")
+
+Binarization = tuple[str, float | None]  # ("otsu", None), ("fixed", 0.5), ("top_percent", 30.0)
+
+
+def parse_binarization(text: str) -> Binarization:
+    """"otsu" -> ("otsu", None); "top_percent:30" -> ("top_percent", 30.0); "fixed:0.5" -> ...
+
+    Raises ValueError saying what is wrong (callers add where the text came from).
+    """
+    found = _SETTING.fullmatch(text)
+    if found is None or found["method"] not in _BINARIZATIONS:
+        raise ValueError(f"use {BINARIZATION_GRAMMAR}")
+    method, value_range = found["method"], _BINARIZATIONS[found["method"]]
+    if (value_range is None) != (found["value"] is None):  # otsu takes no value, the others one
+        raise ValueError(f"use {BINARIZATION_GRAMMAR}")
+    if value_range is None:
+        return method, None
+    value = float(found["value"])
+    if not value_range.low <= value <= value_range.high:
+        raise ValueError(value_range.meaning)
+    return method, value
+
+
+def format_binarization(setting: Binarization) -> str:
+    """The inverse of ``parse_binarization``: ("top_percent", 30.0) -> "top_percent:30"."""
+    method, value = setting
+    return method if value is None else f"{method}:{value:g}"
 
 
 def binarize(saliency: np.ndarray, method: str, value: float | None = None) -> np.ndarray:

@@ -5,8 +5,9 @@
     retrieval search IMAGE [--k 8] [--model PATH] [--index data/index/gallery.faiss]
                      [--output search.png | --show]
         the k most similar gallery images, from the index that `dvc repro evaluate` saves
-    retrieval segment ...
-        saliency segmentation (provided by retrieval.segmentation when it is installed)
+    retrieval segment IMAGES --out MASKS [--masks GT] [--model PATH] [--prototypes NPZ]
+                      [--method gradcam] [--binarize otsu]
+        a mask per image from the model's saliency, with the library in retrieval.segmentation
 
 Run from the repository root (the default paths are relative to it). A missing file, a file that
 is not an image or an unreadable model file ends with a one-line error and exit code 2.
@@ -15,8 +16,10 @@ is not an image or an unreadable model file ends with a one-line error and exit 
 from __future__ import annotations
 
 import argparse
-import importlib
+import glob
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(find, "search.png")
     find.set_defaults(handler=search_command)
 
-    commands.add_parser("segment", help="saliency segmentation of an image (see "
+    # Listed here for --help; `run` hands its arguments to segment_parser (built lazily).
+    commands.add_parser("segment", help="saliency segmentation of a folder of images (see "
                         "`retrieval segment --help`)", add_help=False)
     return parser
 
@@ -297,20 +301,203 @@ def _gallery_image(file: str) -> np.ndarray:
         return np.full((64, 64, 3), 200, dtype=np.uint8)  # moved or deleted since indexing
 
 
-# --------------------------------------------------------------------------- segment (hook)
-# `retrieval segment` is implemented in retrieval.segmentation as segment_main(argv), owned by
-# the Grad-CAM segmentation work. It is imported lazily, only when asked for, so compare and
-# search work (and start fast) whether or not that module exists.
+# --------------------------------------------------------------------------- segment
+# Its parser is built only when asked for: the --method choices come from the saliency registry
+# in retrieval.cam, which imports torch, and `retrieval --help` should start at once.
+
+DEFAULT_PROTOTYPES = Path("data/gradcam/prototypes/unfrozen.npz")
+
+
+def segment_parser() -> argparse.ArgumentParser:
+    from retrieval import cam
+
+    parser = argparse.ArgumentParser(
+        prog="retrieval segment",
+        description="Segment the object of every image in a folder from a trained model's "
+                    "saliency (no segmentation training). Writes one PNG mask per image "
+                    "(255 = object) at the image's size, with the same relative path; with "
+                    "--masks, also OUT/iou_table.csv (IoU and Dice per image, scored on the "
+                    "model's centre-cropped input view, as in the gradcam_segment stage).")
+    parser.add_argument("images", type=Path, help="folder of images (sub-folders are searched)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="folder for the masks (created; must not lie inside IMAGES)")
+    parser.add_argument("--masks", type=Path, default=None,
+                        help="ground-truth masks parallel to IMAGES (same relative path and "
+                             "stem, any image format) to score the predictions")
+    parser.add_argument("--model", type=Path, default=None,
+                        help=f"checkpoint (default {DEFAULT_MODEL})")
+    parser.add_argument("--prototypes", type=Path, default=None,
+                        help="class prototypes of an embedding model, written by the "
+                             "gradcam_segment stage as data/gradcam/prototypes/<model>.npz "
+                             f"(default {DEFAULT_PROTOTYPES} with the default model)")
+    parser.add_argument("--method", choices=tuple(cam.SALIENCY_METHODS), default="gradcam",
+                        help="saliency method (default gradcam; metrics/gradcam_segment.json names "
+                             "the best one per model under best_method)")
+    parser.add_argument("--binarize", default=None,
+                        help=f"{cam.BINARIZATION_GRAMMAR} (default: the setting chosen on "
+                             "validation by gradcam_segment, else otsu)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="model input side in px (default: the checkpoint's)")
+    parser.add_argument("--batch-size", type=int, default=16,
+                        help="images per saliency call (default 16; lower it if out of memory)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    return parser
 
 
 def segment(argv: list[str]) -> None:
+    """`retrieval segment IMAGES --out MASKS [--masks GT] ...` (user errors: see ``main``)."""
+    segment_folder(segment_parser().parse_args(argv))
+
+
+def segment_folder(args: argparse.Namespace) -> pd.DataFrame:
+    """Run the command; returns the per-image table (also written with --masks)."""
+    import torch
+
+    from retrieval import cam, runtime, transforms
+    from retrieval.segmentation import experiment, explainers, geometry
+
+    images_dir, out = args.images, args.out
+    if not images_dir.is_dir():
+        raise UserError(f"images folder {images_dir} does not exist or is not a folder: give "
+                        "a folder of images")
+    if args.masks is not None and not args.masks.is_dir():
+        raise UserError(f"masks folder {args.masks} does not exist: give the folder of "
+                        "ground-truth masks, or leave --masks out")
+    for other in (images_dir, args.masks):
+        if other is not None and out.resolve().is_relative_to(other.resolve()):
+            raise UserError(f"--out {out} lies inside {other}: write the masks elsewhere")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    model_file = args.model or DEFAULT_MODEL
+    explainer_file = args.prototypes or (DEFAULT_PROTOTYPES if args.model is None else None)
+    if args.prototypes is not None and not args.prototypes.is_file():
+        raise UserError(f"prototypes file {args.prototypes} does not exist")
+    explainer, checkpoint, chosen = explainers.load_explainer(model_file, explainer_file)
+    image_size = args.image_size or checkpoint.get("image_size")
+    if not image_size:
+        raise UserError(f"{model_file} does not record its image size: pass --image-size")
+    text = args.binarize or chosen.get(args.method, "otsu")
     try:
-        segmentation = importlib.import_module("retrieval.segmentation")
-    except ModuleNotFoundError as error:
-        if error.name != "retrieval.segmentation":
-            raise  # the module exists but one of its own imports is missing
-        raise UserError("`retrieval segment` is not available in this version "
-                        "(no retrieval.segmentation module)") from error
-    code = segmentation.segment_main(argv)
-    if code:
-        sys.exit(code)
+        setting = cam.parse_binarization(text)
+    except ValueError as error:
+        where = "--binarize" if args.binarize else f"the setting stored in {explainer_file}"
+        raise UserError(f"binarisation '{text}' ({where}): {error}") from None
+    explainer.model.to(runtime.resolve_device(args.device))
+    _refuse_stem_clashes(images_dir)
+
+    rows, skipped = [], []
+    for batch in _decoded_batches(images_dir, args.batch_size, skipped):
+        views = torch.stack([transforms.eval_crop(image_size)(
+            transforms.decode_transform(image_size)(image)) for _, image in batch])
+        masks = experiment.binarize_maps(explainers.explain(explainer, args.method, views),
+                                         setting)
+        for (relative, image), mask in zip(batch, masks, strict=True):
+            target = out / relative.with_suffix(".png")
+            geometry.write_mask_png(target, geometry.restore_mask(mask, image.height,
+                                                                  image.width))
+            rows.append({"file": relative.as_posix(), "mask": str(target),
+                         "foreground_fraction": float(mask.mean()),
+                         **_truth_scores(args.masks, relative, image, mask, image_size)})
+    return _report_segmentation(rows, skipped, args, cam.format_binarization(setting))
+
+
+def _report_segmentation(rows: list[dict], skipped: list[str], args: argparse.Namespace,
+                         setting: str) -> pd.DataFrame:
+    """The per-image table (written with --masks) and what was done, on stdout/stderr."""
+    import pandas as pd
+
+    images_dir, out = args.images, args.out
+    shown = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    if not rows:
+        found = f" (only {len(skipped)} other files: {shown})" if skipped else ""
+        raise UserError(f"{images_dir} contains no images Pillow can read{found}: give a "
+                        "folder of images")
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not images: {shown}", file=sys.stderr)
+    table = pd.DataFrame(rows)
+    message = f"wrote {len(table)} masks to {out} ({args.method}, {setting})"
+    if args.masks is not None:
+        outputs.write_csv(out / "iou_table.csv", table)
+        scored = table.dropna(subset=["iou"])
+        message += (f"; mean IoU {scored['iou'].mean():.3f} over {len(scored)} images with a "
+                    f"mask -> {out / 'iou_table.csv'}" if len(scored) else
+                    "; no image had a matching mask")
+    print(message)
+    return table
+
+
+def _decoded_batches(folder: Path, batch_size: int, skipped: list[str]
+                     ) -> Iterator[list[tuple[Path, Image.Image]]]:
+    """Batches of (path relative to folder, RGB image); undecodable files go to ``skipped``."""
+    from PIL import Image
+
+    from retrieval import data
+
+    batch = []
+    for path in _files(folder):
+        try:
+            image = data.load_rgb(path)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+                Image.DecompressionBombWarning):
+            skipped.append(path.relative_to(folder).as_posix())
+            continue
+        batch.append((path.relative_to(folder), image))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _refuse_stem_clashes(folder: Path) -> None:
+    """Two images with one folder and stem would write one mask file: refuse before writing any.
+    Only files sharing a stem are opened (a header read), so the check costs nothing usually."""
+    by_stem: dict[Path, list[Path]] = {}
+    for path in _files(folder):
+        by_stem.setdefault(path.relative_to(folder).with_suffix(""), []).append(path)
+    for stem, paths in by_stem.items():
+        images = [p for p in paths if len(paths) > 1 and _is_image(p)]
+        if len(images) > 1:
+            raise UserError(f"{images[0]} and {images[1]} would both write the mask "
+                            f"{stem.with_suffix('.png')} (same folder and stem): rename one")
+
+
+def _is_image(path: Path) -> bool:
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def _files(folder: Path) -> list[Path]:
+    """Regular files below ``folder``, sorted; hidden entries skipped, symlinked folders not
+    followed (no loops)."""
+    found = []
+    for current, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(current) / f for f in files if not f.startswith(".")]
+    return sorted(p for p in found if p.is_file())
+
+
+def _truth_scores(masks_dir: Path | None, relative: Path, image: Image.Image, mask: np.ndarray,
+                  image_size: int) -> dict:
+    """{"mask_status", "iou", "dice"} of a predicted model-view mask against its ground truth."""
+    if masks_dir is None:
+        return {}
+    import numpy as np
+
+    from retrieval import cam, data
+    from retrieval.segmentation import geometry
+
+    folder = masks_dir / relative.parent
+    found = sorted(folder.glob(glob.escape(relative.stem) + ".*")) if folder.is_dir() else []
+    if not found:
+        return {"mask_status": "missing", "iou": np.nan, "dice": np.nan}
+    truth = data.load_mask(found[0])
+    if truth.shape != (image.height, image.width):
+        return {"mask_status": "size differs", "iou": np.nan, "dice": np.nan}
+    truth = geometry.align_mask(truth, image_size)
+    return {"mask_status": "ok", "iou": cam.iou(mask, truth), "dice": cam.dice(mask, truth)}

@@ -252,7 +252,11 @@ class GradcamConfig:
     batch_size: int = 32  # images per saliency call (forward + backward); lower it if out of memory
 
     def validate(self, key: str) -> None:
-        valid = {"gradcam", "gradcam++", "input_gradient", "guided_backprop"}
+        # The registries live with the code they name; imported here, not at the top, so that
+        # importing config stays light (cam imports torch).
+        from retrieval import cam
+
+        valid = tuple(cam.SALIENCY_METHODS)
         _check(len(self.methods) > 0, f"{key}.methods", "is empty (name at least one method)")
         for method in self.methods:
             _check(method in valid, f"{key}.methods",
@@ -260,14 +264,12 @@ class GradcamConfig:
         _check(len(set(self.methods)) == len(self.methods), f"{key}.methods",
                "names a method twice")
         _check(len(self.binarize) > 0, f"{key}.binarize",
-               "is empty (name at least one of otsu, fixed:<0..1>, top_percent:<0..100>)")
+               f"is empty (name at least one of {cam.BINARIZATION_GRAMMAR})")
         for candidate in self.binarize:
-            _check(re.fullmatch(r"otsu|fixed:(0?\.\d+|1(\.0*)?|0)|top_percent:\d+(\.\d+)?",
-                                candidate) is not None, f"{key}.binarize",
-                   f"has '{candidate}' (use otsu, fixed:<0..1> or top_percent:<0..100>)")
-            if candidate.startswith("top_percent:"):
-                _check(float(candidate.split(":")[1]) <= 100, f"{key}.binarize",
-                       f"has '{candidate}' (top_percent takes a percentage, 0..100)")
+            try:
+                cam.parse_binarization(candidate)
+            except ValueError as error:
+                _check(False, f"{key}.binarize", f"has '{candidate}' ({error})")
         _check(self.overlays >= 0, f"{key}.overlays", "must be >= 0")
         _check(self.max_images >= 1, f"{key}.max_images", "must be >= 1")
         _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")

@@ -1,0 +1,218 @@
+"""The segmentation experiment on a split table: explain, binarise, score (gradcam_segment).
+
+Per (model, method), the binarisation with the best mean IoU on validation is applied unchanged
+to test. A flat map (no evidence anywhere) gives an empty mask. The trivial baselines are a
+centred ellipse covering the mean foreground fraction of the training masks, and the
+all-foreground mask, scored on the same test images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from retrieval import cam, data, transforms
+from retrieval.cache import ImageCache
+from retrieval.config import GradcamConfig
+from retrieval.segmentation.explainers import Explainer, explain, with_prototypes
+from retrieval.segmentation.geometry import align_mask, oriented_size, restore_mask
+
+
+@dataclass
+class SplitImages:
+    """The images of one split to explain (a seeded choice of at most max_images)."""
+
+    rows: pd.DataFrame  # rows of the split table: file, label, mask_file, ...
+    indices: np.ndarray  # (N,) rows of the image cache
+    truth: np.ndarray  # (N, s, s) bool ground truth in the model view (False where none)
+    has_truth: np.ndarray  # (N,) bool: the image has a mask
+    sizes: np.ndarray  # (N, 2) each image's own (height, width)
+
+    @property
+    def labels(self) -> list[str]:
+        return self.rows["label"].tolist()
+
+
+def choose_rows(count: int, limit: int, seed: int, stream: int) -> np.ndarray:
+    """Sorted positions of a seeded choice of ``min(count, limit)`` of ``count`` items."""
+    if count <= limit:
+        return np.arange(count)
+    return np.sort(np.random.default_rng([seed, stream]).choice(count, limit, replace=False))
+
+
+def split_images(table: pd.DataFrame, split: str, max_images: int, seed: int,
+                 image_size: int) -> SplitImages:
+    positions = np.flatnonzero(table["split"].to_numpy() == split)
+    positions = positions[choose_rows(len(positions), max_images, seed, data.SPLITS.index(split))]
+    rows = table.iloc[positions].reset_index(drop=True)
+    has_truth = (rows["mask_file"] != "").to_numpy()
+    truth = np.zeros((len(rows), image_size, image_size), dtype=bool)
+    for i in np.flatnonzero(has_truth):
+        truth[i] = align_mask(data.load_mask(rows["mask_file"].iloc[i]), image_size)
+    sizes = np.array([oriented_size(f) for f in rows["file"]], dtype=int).reshape(-1, 2)
+    return SplitImages(rows, positions, truth, has_truth, sizes)
+
+
+def foreground_fraction(mask_files: Sequence[str], image_size: int) -> float | None:
+    """Mean fraction of foreground pixels of these masks in the model view (None: no masks)."""
+    fractions = [align_mask(data.load_mask(f), image_size).mean() for f in mask_files if f]
+    return float(np.mean(fractions)) if fractions else None
+
+
+@dataclass
+class Overlays:
+    """What the overlay figures show, for a seeded choice of K test images."""
+
+    views: np.ndarray  # (K, 3, s, s) uint8 model views
+    labels: list[str]
+    truth: np.ndarray  # (K, s, s) bool
+    has_truth: np.ndarray  # (K,) bool
+    maps: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (K, s, s)
+    masks: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (K, s, s) bool
+    ious: dict[tuple[str, str], np.ndarray] = field(default_factory=dict)  # (K,), NaN: no mask
+
+    def of_model(self, model: str) -> tuple[dict, dict, dict]:
+        """method -> maps, masks and IoUs of one model, in the order the methods ran."""
+        methods = [method for name, method in self.maps if name == model]
+        return tuple({method: found[(model, method)] for method in methods}
+                     for found in (self.maps, self.masks, self.ious))
+
+
+@dataclass
+class SegmentationResult:
+    scores: pd.DataFrame  # model, method, file, label, iou, dice: test images with a mask
+    choices: pd.DataFrame  # model, method, target, view, binarization, val_mean_iou, flat_maps
+    baselines: pd.DataFrame  # baseline (ellipse | full), file, label, iou, dice
+    foreground_fraction: float | None  # of the training masks, in the model view
+    images: dict[str, int]  # explained and scored images per split
+    overlays: Overlays
+    prototype_classes_from_split: int  # classes absent from train (class-disjoint splits)
+    explainers: list[Explainer]  # with their class prototypes
+
+    @property
+    def iou_computed(self) -> bool:
+        return self.images["test_scored"] > 0
+
+
+# (model, method, split table row, (H, W) bool mask at the image's own size) -> None
+MaskWriter = Callable[[str, str, pd.Series, np.ndarray], None]
+
+
+def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.DataFrame,
+             settings: GradcamConfig, seed: int, image_size: int, precision: str,
+             write_mask: MaskWriter) -> SegmentationResult:
+    """Explain, binarise and score the val/test images of ``table`` with every explainer and
+    method; ``write_mask`` receives every predicted test mask, at its image's own size."""
+    val = split_images(table, "val", settings.max_images, seed, image_size)
+    test = split_images(table, "test", settings.max_images, seed, image_size)
+    train = table[table["split"] == "train"]
+    train_masks = train["mask_file"].iloc[choose_rows(len(train), settings.max_images, seed, 9)]
+    fraction = foreground_fraction(train_masks.tolist(), image_size)
+
+    # Prototypes from the training images; a class with none there (class-disjoint splits) gets
+    # the mean of its own val/test images, which uses their labels but never their masks.
+    orphans = table["split"].isin(["val", "test"]) & ~table["label"].isin(set(train["label"]))
+    reference = np.flatnonzero((table["split"] == "train") | orphans)
+    explainers = [with_prototypes(e, images, reference, table["label"].iloc[reference].tolist(),
+                                  image_size, precision) for e in explainers]
+
+    shown = choose_rows(len(test.rows), settings.overlays, seed, 7)
+    crop = transforms.eval_crop(image_size)
+    overlays = Overlays(crop(images.batch(test.indices[shown])).numpy() if len(shown) else
+                        np.zeros((0, 3, image_size, image_size), np.uint8),
+                        [test.labels[i] for i in shown], test.truth[shown], test.has_truth[shown])
+    candidates = [cam.parse_binarization(text) for text in settings.binarize]
+    scores, choices = [], []
+    pairs = [(explainer, method) for explainer in explainers for method in settings.methods]
+    for explainer, method in tqdm(pairs, desc="saliency", unit="model x method"):
+        setting, val_iou = candidates[0], None  # without validation masks: the first one
+        if val.has_truth.any():
+            val_maps = saliency_over(explainer, method, images, val, image_size,
+                                     settings.batch_size)
+            setting, val_iou = choose_setting(val_maps, val, candidates)
+        maps = saliency_over(explainer, method, images, test, image_size, settings.batch_size)
+        masks = binarize_maps(maps, setting)  # (N, s, s)
+        for i, (_, row) in enumerate(test.rows.iterrows()):
+            write_mask(explainer.name, method, row, restore_mask(masks[i], *test.sizes[i]))
+        scores.append(_score(masks, test).assign(model=explainer.name, method=method))
+        choices.append({"model": explainer.name, "method": method, "target": explainer.target,
+                        "view": explainer.view, "binarization": cam.format_binarization(setting),
+                        "val_mean_iou": val_iou,
+                        "flat_maps": float(constant_maps(maps).mean()) if len(maps) else 0.0})
+        key = (explainer.name, method)
+        overlays.maps[key], overlays.masks[key] = maps[shown], masks[shown]
+        overlays.ious[key] = _iou_or_nan(masks[shown], test.truth[shown], test.has_truth[shown])
+
+    baselines = []
+    if fraction is not None:
+        size = (image_size, image_size)
+        for name, mask in (("ellipse", cam.centered_ellipse_mask(*size, fraction)),
+                           ("full", cam.full_mask(*size))):
+            masks = np.broadcast_to(mask, (len(test.rows), *size))
+            baselines.append(_score(masks, test).assign(baseline=name))
+    columns = ["model", "method", "file", "label", "iou", "dice"]
+    return SegmentationResult(
+        scores=pd.concat(scores)[columns] if scores else pd.DataFrame(columns=columns),
+        choices=pd.DataFrame(choices),
+        baselines=(pd.concat(baselines)[["baseline", "file", "label", "iou", "dice"]]
+                   if baselines else pd.DataFrame(columns=["baseline", "file", "label", "iou",
+                                                           "dice"])),
+        foreground_fraction=fraction,
+        images={"val": len(val.rows), "val_scored": int(val.has_truth.sum()),
+                "test": len(test.rows), "test_scored": int(test.has_truth.sum())},
+        overlays=overlays,
+        prototype_classes_from_split=int(table.loc[orphans, "label"].nunique()),
+        explainers=explainers)
+
+
+def choose_setting(maps: np.ndarray, split: SplitImages,
+                   candidates: Sequence[cam.Binarization]
+                   ) -> tuple[cam.Binarization, float | None]:
+    """(the candidate with the best mean IoU on the split's images that have a mask, that IoU)."""
+    maps, truth = maps[split.has_truth], split.truth[split.has_truth]
+    scores = [cam.iou_batch(binarize_maps(maps, setting), truth).mean() for setting in candidates]
+    best = int(np.argmax(scores))  # the first one on ties
+    return candidates[best], float(scores[best])
+
+
+def saliency_over(explainer: Explainer, method: str, images: ImageCache, split: SplitImages,
+                  image_size: int, batch_size: int) -> np.ndarray:
+    """(N, s, s) maps of a split's images, ``batch_size`` images per saliency call."""
+    crop = transforms.eval_crop(image_size)
+    maps = [np.zeros((0, image_size, image_size), np.float32)]
+    for start in range(0, len(split.indices), batch_size):
+        views = crop(images.batch(split.indices[start:start + batch_size]))
+        maps.append(explain(explainer, method, views, split.labels[start:start + batch_size]))
+    return np.concatenate(maps)
+
+
+def _score(masks: np.ndarray, split: SplitImages) -> pd.DataFrame:
+    """Per-image IoU and Dice of predicted masks (N, s, s), for the images with a mask."""
+    keep = split.has_truth
+    rows = split.rows[keep]
+    return pd.DataFrame({"file": rows["path"].to_numpy(), "label": rows["label"].to_numpy(),
+                         "iou": cam.iou_batch(masks[keep], split.truth[keep]),
+                         "dice": cam.dice_batch(masks[keep], split.truth[keep])})
+
+
+def _iou_or_nan(masks: np.ndarray, truth: np.ndarray, has_truth: np.ndarray) -> np.ndarray:
+    ious = cam.iou_batch(masks, truth) if len(masks) else np.zeros(0)
+    return np.where(has_truth, ious, np.nan)
+
+
+def constant_maps(maps: np.ndarray) -> np.ndarray:
+    """(N,) bool: the map is flat, so it points at nothing (Grad-CAM is all zero when the
+    weighted activations are negative everywhere, common on small feature maps)."""
+    return np.ptp(maps.reshape(len(maps), -1), axis=1) < 1e-6 if len(maps) else np.zeros(0, bool)
+
+
+def binarize_maps(maps: np.ndarray, setting: cam.Binarization) -> np.ndarray:
+    """``cam.binarize`` of (N, s, s) maps, except that a flat map gives an empty mask: top-p
+    would otherwise pick the first pixels in raster order, a band along the top of the image."""
+    masks = cam.binarize(maps, *setting)
+    masks[constant_maps(maps)] = False
+    return masks
