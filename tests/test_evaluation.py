@@ -256,6 +256,11 @@ def test_a_fourth_model_is_one_registry_entry(tiny_nets):
         "unfrozen_backbone - unfrozen"]
 
 
+def test_a_compared_model_needs_a_known_view():
+    with pytest.raises(ValueError, match="view must be one of"):
+        evaluation.ComparedModel("mine", "train_frozen", "logits", "mine")
+
+
 def test_embeddings_save_load_and_take(tmp_path):
     emb = evaluation.Embeddings(np.array([2, 5, 9]), at_angles([0, 90, 180]),
                                 np.array(list("ABA")), np.array(["val", "test", "test"]),
