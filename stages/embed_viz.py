@@ -2,10 +2,10 @@
 classes separate (silhouette score in the full embedding space).
 
 t-SNE (seeded, PCA-initialised) and PCA of a seeded subsample of at most embed_viz.max_points
-test images, the models side by side; the largest classes are coloured, the rest grey. A model
-whose embedding is 2-D is also plotted directly.
+test images, every compared model (evaluation.COMPARED_MODELS) side by side; the largest classes
+are coloured, the rest grey. A model whose embedding is 2-D is also plotted directly.
 
-Reads:  params seed, embed_viz; data/embeddings/{baseline,frozen,unfrozen}.npz (from evaluate)
+Reads:  params seed, embed_viz; data/embeddings/<model>.npz (from evaluate)
 Writes: plots/embed_viz/{tsne,pca}.png (and direct.png for 2-D embeddings),
         metrics/embed_viz.json, metrics/timing/embed_viz.json
 """
@@ -13,7 +13,7 @@ Writes: plots/embed_viz/{tsne,pca}.png (and direct.png for 2-D embeddings),
 import time
 from pathlib import Path
 
-from retrieval import config, evaluation, outputs, tracking
+from retrieval import config, embed_viz, evaluation, outputs, tracking
 from retrieval.plots import evaluation as evaluation_plots
 
 STAGE = "embed_viz"
@@ -24,28 +24,28 @@ METHODS = {"tsne": ("t-SNE", "t-SNE"), "pca": ("PCA", "PC")}  # file: (title, ax
 def main() -> None:
     params = config.load_params()
     cfg = params.embed_viz
-    embeddings = evaluation.load_split_embeddings(
+    embeddings = embed_viz.load_split_embeddings(
         {name: f"data/embeddings/{name}.npz" for name in evaluation.MODELS}, "test")
-    keep = evaluation.subsample(len(embeddings["baseline"].rows), cfg.max_points, params.seed)
-    labels = embeddings["baseline"].labels[keep]
+    first = next(iter(embeddings.values()))  # all cover the same images
+    keep = embed_viz.sample(len(first.rows), cfg.max_points, params.seed)
+    labels = first.labels[keep]
     vectors = {name: e.vectors[keep] for name, e in embeddings.items()}
-    highlighted = evaluation.highlighted_classes(labels, cfg.highlight_classes)
+    highlighted = embed_viz.highlighted_classes(labels, cfg.highlight_classes)
     with tracking.stage_run(STAGE, config.select(params, ("seed", STAGE)),
                             config.flatten(config.to_dict(params))) as run:
-        scores = {name: {"silhouette": evaluation.silhouette(v, labels),
+        scores = {name: {"silhouette": embed_viz.silhouette(v, labels),
                          "embedding_dim": v.shape[1]} for name, v in vectors.items()}
         subtitles = {name: f"{v.shape[1]}-d, silhouette {scores[name]['silhouette'] or 0:.3f}"
                      for name, v in vectors.items()}
         timing = {}
         for method, (title, axis) in METHODS.items():
             started = time.perf_counter()
-            points = {name: evaluation.project_2d(v, method, params.seed, cfg.perplexity)
+            points = {name: embed_viz.project_2d(v, method, params.seed, cfg.perplexity)
                       for name, v in vectors.items()}
             timing[f"{method}_seconds"] = time.perf_counter() - started
             outputs.save_figure(evaluation_plots.embedding_scatter(
                 points, labels, highlighted, f"{title} of {len(labels)} test embeddings: "
-                "before training (baseline) and after (frozen, unfrozen)", axis, subtitles),
-                PLOTS / f"{method}.png")
+                f"{embed_viz.before_and_after()}", axis, subtitles), PLOTS / f"{method}.png")
         direct = {name: v for name, v in vectors.items() if v.shape[1] == 2}
         if direct:
             outputs.save_figure(evaluation_plots.embedding_scatter(
@@ -53,7 +53,7 @@ def main() -> None:
                 "(L2-normalised: on the unit circle)", "embedding", subtitles),
                 PLOTS / "direct.png")
         summary = {**scores, "points": len(labels), "classes": len(set(labels)),
-                   "perplexity_used": min(cfg.perplexity, (len(labels) - 1) / 3)}
+                   "perplexity_used": embed_viz.perplexity_used(len(labels), cfg.perplexity)}
         outputs.write_json(f"metrics/{STAGE}.json", summary)
         outputs.write_json(f"metrics/timing/{STAGE}.json", timing)
         run.log_metrics(evaluation.flat_metrics(scores), to_parent=True)

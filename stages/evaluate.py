@@ -1,13 +1,14 @@
-"""evaluate: pair verification and retrieval on the test split, baseline vs frozen vs unfrozen.
+"""evaluate: pair verification and retrieval on the test split, for every compared model
+(evaluation.COMPARED_MODELS: baseline vs frozen vs unfrozen).
 
-The embeddings of the three models are computed once and saved for embed_viz and gradcam. The
+The embeddings of the models are computed once and saved for embed_viz and gradcam. The
 evaluation pairs and query/gallery lists are seeded functions of the split, so every experiment
-is scored on the same ones. The search index of the gallery (unfrozen model) serves
-`retrieval search`.
+is scored on the same ones. The search index of the gallery (evaluation.SEARCHED, the unfrozen
+model) serves `retrieval search`.
 
 Reads:  params seed, precision, device, data.image_size, evaluate; data/split.csv, data/prepared,
-        models/train_frozen/best.pt, models/train_unfrozen/best.pt
-Writes: data/eval/{pairs,queries,gallery}.csv, data/embeddings/{baseline,frozen,unfrozen}.npz,
+        models/<stage>/best.pt of the stages the models need (train_frozen, train_unfrozen)
+Writes: data/eval/{pairs,queries,gallery}.csv, data/embeddings/<model>.npz,
         data/index/gallery.{faiss,csv,json}, metrics/evaluate.json,
         metrics/timing/evaluate.json, plots/evaluate/ (roc.csv, comparison.csv/.md,
         per_class_precision_at_1.csv, classification_report.txt/.json and the figures)
@@ -22,8 +23,7 @@ from retrieval import cache, config, data, evaluation, models, outputs, runtime,
 
 STAGE = "evaluate"
 PLOTS = Path("plots") / STAGE
-CHECKPOINTS = {"frozen": Path("models/train_frozen/best.pt"),
-               "unfrozen": Path("models/train_unfrozen/best.pt")}
+CHECKPOINTS = {stage: Path("models") / stage / "best.pt" for stage in evaluation.checkpoints()}
 
 
 def main() -> None:
@@ -45,7 +45,7 @@ def main() -> None:
         # Every val and test image (and the gallery): later stages reuse these embeddings.
         rows = np.union1d(np.flatnonzero(table["split"].isin(["val", "test"])), gallery["row"])
         embeddings = evaluation.embed_models(
-            nets["frozen"][0], nets["unfrozen"][0], images, table, rows, size,
+            {stage: net for stage, (net, _) in nets.items()}, images, table, rows, size,
             runtime.resolve_device(params.device), params.precision)
         embed_seconds = time.perf_counter() - started
         results = {name: evaluation.evaluate_model(embeddings[name], pairs, queries, gallery,
@@ -58,23 +58,24 @@ def main() -> None:
         outputs.write_csv("data/eval/gallery.csv", gallery)
         for name, vectors in embeddings.items():
             vectors.save(f"data/embeddings/{name}.npz")
-        search.save_index(search.build_index(embeddings["unfrozen"].take(gallery["row"])),
+        searched = embeddings[evaluation.SEARCHED]
+        search.save_index(search.build_index(searched.take(gallery["row"])),
                           "data/index/gallery.faiss")
         outputs.write_csv("data/index/gallery.csv", gallery)
         outputs.write_json("data/index/gallery.json", evaluation.index_card(
-            CHECKPOINTS["unfrozen"], embeddings["unfrozen"].vectors.shape[1], len(gallery)))
+            CHECKPOINTS[evaluation.compared_model(evaluation.SEARCHED).checkpoint],
+            searched.vectors.shape[1], len(gallery)))
 
         comparison = evaluation.comparison_table(scores)
         report_text, report = evaluation.classification_reports(results)
         outputs.write_json(f"metrics/{STAGE}.json", scores)
         outputs.write_csv(PLOTS / "roc.csv", evaluation.roc_table(results))
         outputs.write_csv(PLOTS / "comparison.csv", comparison)
-        with outputs.atomic_path(PLOTS / "comparison.md") as temp:
-            temp.write_text(evaluation.comparison_markdown(comparison, scores))
+        markdown = evaluation.comparison_markdown(comparison, scores)
+        outputs.write_text(PLOTS / "comparison.md", markdown)
         outputs.write_csv(PLOTS / "per_class_precision_at_1.csv",
                           evaluation.per_class_table(results))
-        with outputs.atomic_path(PLOTS / "classification_report.txt") as temp:
-            temp.write_text(report_text)
+        outputs.write_text(PLOTS / "classification_report.txt", report_text)
         outputs.write_json(PLOTS / "classification_report.json", report)
         for name, figure in evaluation.figures(results, images, queries, gallery, cfg.examples,
                                                params.seed).items():
@@ -86,7 +87,7 @@ def main() -> None:
         run.log_metrics(evaluation.flat_metrics(scores), to_parent=True)
         run.log_metrics(timing)
         run.log_artifact(PLOTS)
-        print(evaluation.comparison_markdown(comparison, scores))
+        print(markdown)
 
 
 if __name__ == "__main__":

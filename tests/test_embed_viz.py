@@ -4,7 +4,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from retrieval import evaluation
+from retrieval import embed_viz, evaluation, metrics
 from retrieval.outputs import UserError
 from retrieval.plots import evaluation as evaluation_plots
 
@@ -15,45 +15,46 @@ def clusters(n_classes=4, per_class=15, spread=0.05, dim=8, seed=0):
     labels = np.repeat([f"c{i:03d}" for i in range(n_classes)], per_class)
     vectors = centres[np.repeat(np.arange(n_classes), per_class)] + rng.normal(
         0, spread, (len(labels), dim))
-    return evaluation.l2_normalize(vectors), labels
+    return metrics.l2_normalize(vectors), labels
 
 
 def test_subsample_is_seeded_sorted_and_capped():
-    picked = evaluation.subsample(1000, 100, seed=1)
+    picked = embed_viz.sample(1000, 100, seed=1)
     assert len(picked) == 100 and len(set(picked)) == 100 and (np.diff(picked) > 0).all()
-    np.testing.assert_array_equal(picked, evaluation.subsample(1000, 100, seed=1))
-    assert not np.array_equal(picked, evaluation.subsample(1000, 100, seed=2))
-    np.testing.assert_array_equal(evaluation.subsample(50, 100, seed=1), np.arange(50))
+    np.testing.assert_array_equal(picked, embed_viz.sample(1000, 100, seed=1))
+    assert not np.array_equal(picked, embed_viz.sample(1000, 100, seed=2))
+    np.testing.assert_array_equal(embed_viz.sample(50, 100, seed=1), np.arange(50))
 
 
 def test_highlighted_classes_are_the_largest_ties_by_name():
     labels = np.array(["b"] * 3 + ["a"] * 3 + ["c"] * 5 + ["d"])
-    assert evaluation.highlighted_classes(labels, 2) == ["c", "a"]
-    assert evaluation.highlighted_classes(labels, 10) == ["c", "a", "b", "d"]
+    assert embed_viz.highlighted_classes(labels, 2) == ["c", "a"]
+    assert embed_viz.highlighted_classes(labels, 10) == ["c", "a", "b", "d"]
 
 
 @pytest.mark.parametrize("method", ["pca", "tsne"])
 def test_projections_are_seeded_2d(method):
     vectors, _ = clusters(dim=64)  # > 50 dimensions: t-SNE runs on 50 PCA components
-    points = evaluation.project_2d(vectors, method, seed=0, perplexity=10)
+    points = embed_viz.project_2d(vectors, method, seed=0, perplexity=10)
     assert points.shape == (len(vectors), 2) and np.isfinite(points).all()
-    np.testing.assert_allclose(points, evaluation.project_2d(vectors, method, 0, 10))
+    np.testing.assert_allclose(points, embed_viz.project_2d(vectors, method, 0, 10))
 
 
 def test_tsne_works_on_a_handful_of_points():
     vectors, _ = clusters(n_classes=4, per_class=2)  # perplexity 30 is capped to (8 - 1) / 3
-    assert evaluation.project_2d(vectors, "tsne", seed=0, perplexity=30).shape == (8, 2)
+    assert embed_viz.project_2d(vectors, "tsne", seed=0, perplexity=30).shape == (8, 2)
+    assert embed_viz.perplexity_used(8, 30) == pytest.approx(7 / 3)
     with pytest.raises(UserError, match=">= 3 points"):
-        evaluation.project_2d(vectors[:2], "pca", seed=0)
+        embed_viz.project_2d(vectors[:2], "pca", seed=0)
     with pytest.raises(ValueError, match="method"):
-        evaluation.project_2d(vectors, "umap", seed=0)
+        embed_viz.project_2d(vectors, "umap", seed=0)
 
 
 def test_silhouette_rises_with_separation():
     tight, labels = clusters(spread=0.05)
     loose, _ = clusters(spread=3.0)
-    assert evaluation.silhouette(tight, labels) > 0.8 > evaluation.silhouette(loose, labels)
-    assert evaluation.silhouette(tight, np.array(["one"] * len(tight))) is None
+    assert embed_viz.silhouette(tight, labels) > 0.8 > embed_viz.silhouette(loose, labels)
+    assert embed_viz.silhouette(tight, np.array(["one"] * len(tight))) is None
 
 
 def test_split_embeddings_must_cover_the_same_images(tmp_path):
@@ -63,19 +64,19 @@ def test_split_embeddings_must_cover_the_same_images(tmp_path):
     for name, rows in (("a", np.arange(6)), ("b", np.arange(6)), ("c", np.arange(1, 7))):
         evaluation.Embeddings(rows, vectors, labels, splits, labels).save(tmp_path / f"{name}.npz")
         paths[name] = tmp_path / f"{name}.npz"
-    same = evaluation.load_split_embeddings({k: paths[k] for k in "ab"}, "test")
+    same = embed_viz.load_split_embeddings({k: paths[k] for k in "ab"}, "test")
     assert [len(e.rows) for e in same.values()] == [5, 5]
     with pytest.raises(UserError, match="different images"):
-        evaluation.load_split_embeddings(paths, "test")
+        embed_viz.load_split_embeddings(paths, "test")
     with pytest.raises(UserError, match="need >= 3"):
-        evaluation.load_split_embeddings({"a": paths["a"]}, "val")
+        embed_viz.load_split_embeddings({"a": paths["a"]}, "val")
 
 
 def test_scatter_with_many_classes_colours_only_the_largest():
     vectors, labels = clusters(n_classes=102, per_class=3, dim=4)
     labels[3:6] = "c000"  # c000 (6 images) is the largest class, 101 classes in all
-    highlighted = evaluation.highlighted_classes(labels, 10)
-    points = {name: evaluation.project_2d(vectors, "pca", 0) for name in evaluation.MODELS}
+    highlighted = embed_viz.highlighted_classes(labels, 10)
+    points = {name: embed_viz.project_2d(vectors, "pca", 0) for name in evaluation.MODELS}
     figure = evaluation_plots.embedding_scatter(points, labels, highlighted, "PCA", "PC",
                                                 {"baseline": "silhouette 0.1"})
     legend = [t.get_text() for t in figure.legends[0].get_texts()]
@@ -94,3 +95,16 @@ def test_two_dimensional_embeddings_are_plotted_directly():
     offsets = np.concatenate([c.get_offsets() for c in ax.collections])
     np.testing.assert_allclose(np.sort(offsets, axis=0), np.sort(vectors, axis=0), atol=1e-6)
     plt.close(figure)
+
+
+def test_figure_titles_name_the_models_before_and_after_training():
+    assert embed_viz.before_and_after() == "before training (baseline) and after (frozen, unfrozen)"
+
+
+def test_project_2d_is_still_importable_from_evaluation():
+    # Compatibility for tests/reliability/test_determinism.py (see evaluation.__getattr__).
+    from retrieval.evaluation import project_2d
+
+    assert project_2d is embed_viz.project_2d
+    with pytest.raises(AttributeError):
+        evaluation.no_such_function  # noqa: B018

@@ -1,6 +1,8 @@
 """Evaluation: retrieval on toy galleries with hand-worked answers, thresholds from validation,
 pairs and lists that never change, embeddings of a tiny model, tables and figures."""
 
+import hashlib
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -9,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from retrieval import evaluation, metrics, models, search, transforms
+from retrieval import evaluation, metrics, models, outputs, search, transforms
 from retrieval.cache import ImageCache
 from retrieval.config import EvaluateConfig, ModelConfig
 from retrieval.outputs import UserError
@@ -44,7 +46,7 @@ def test_retrieval_on_a_toy_gallery_with_known_answers(chunk_size):
     vectors = at_angles(TOY_ANGLES)
     result = evaluation.retrieve(vectors, TOY_LABELS, vectors, TOY_LABELS, same_set=True,
                                  max_rank=1000, chunk_size=chunk_size)
-    summary = evaluation.retrieval_summary(result.per_query)
+    summary = metrics.retrieval_metrics(result.per_query)
     assert summary == pytest.approx(TOY_EXPECTED)
     assert result.per_query["ap"].iloc[2] == pytest.approx(5 / 12)
     assert result.ranks == 5
@@ -52,17 +54,17 @@ def test_retrieval_on_a_toy_gallery_with_known_answers(chunk_size):
     assert (np.diff(result.distances, axis=1) >= 0).all()
 
 
-def test_retrieval_agrees_with_metrics_retrieval_metrics():
+def test_chunked_retrieval_agrees_with_one_whole_ranking():
     rng = np.random.default_rng(0)
-    vectors = evaluation.l2_normalize(rng.normal(size=(60, 4)))
+    vectors = metrics.l2_normalize(rng.normal(size=(60, 4)))
     labels = rng.integers(0, 5, 60).astype(str)
     result = evaluation.retrieve(vectors, labels, vectors, labels, same_set=True, max_rank=1000,
                                  chunk_size=7)
     _, indices = search.knn(vectors, vectors, k=59, exclude_self=True)
-    expected = metrics.retrieval_metrics(labels[indices], labels,
-                                         metrics.count_relevant(labels, labels, exclude_self=True))
-    summary = evaluation.retrieval_summary(result.per_query)
-    assert {k: summary[k] for k in expected} == pytest.approx(expected)
+    expected = metrics.per_query_retrieval(
+        labels[indices], labels, metrics.count_relevant(labels, labels, exclude_self=True))
+    pd.testing.assert_frame_equal(result.per_query.drop(columns="label"),
+                                  pd.DataFrame(expected))
 
 
 def test_retrieval_against_a_separate_gallery_and_a_capped_rank():
@@ -70,13 +72,13 @@ def test_retrieval_against_a_separate_gallery_and_a_capped_rank():
     queries, query_labels = at_angles([2, 93, 270]), np.array(list("ABD"))
     result = evaluation.retrieve(queries, query_labels, gallery, gallery_labels, same_set=False,
                                  max_rank=10)
-    summary = evaluation.retrieval_summary(result.per_query)
+    summary = metrics.retrieval_metrics(result.per_query)
     # A at 2° finds A0, A5 first; B at 93° finds B95, B90 first; D has no relevant item.
     assert summary["precision_at_1"] == 1.0 and summary["map"] == 1.0
     assert summary["n_queries"] == 2 and summary["n_queries_without_relevant"] == 1
     capped = evaluation.retrieve(queries, query_labels, gallery, gallery_labels, False,
                                  max_rank=1)
-    assert capped.ranks == 1 and not evaluation.retrieval_summary(capped.per_query)["map_exact"]
+    assert capped.ranks == 1 and not metrics.retrieval_metrics(capped.per_query)["map_exact"]
 
 
 def test_own_index_is_dropped_even_behind_a_duplicate():
@@ -115,7 +117,8 @@ def test_evaluate_model_takes_the_threshold_from_the_val_pairs():
     rows = pd.DataFrame({"row": [4, 5, 6, 7], "label": list("AABB")})
     cfg = EvaluateConfig(bootstrap=0)
     result = evaluation.evaluate_model(emb, pairs, rows, rows, cfg, seed=0)
-    val_d = evaluation.pair_distances(emb, pairs[pairs["split"] == "val"])
+    val = pairs[pairs["split"] == "val"]
+    val_d = metrics.pair_distances(emb.take(val["i"]), emb.take(val["j"]))
     expected = metrics.choose_threshold(val_d, [1, 1, 0, 0], "f1")
     assert result.metrics["threshold"] == pytest.approx(expected)
     swapped = pairs.assign(split=["test"] * 4 + ["val"] * 4)
@@ -143,16 +146,6 @@ def test_verification_numbers_match_scikit_learn():
     assert m["accuracy_ci_low"] <= m["accuracy"] <= m["accuracy_ci_high"]
     assert m["f1_ci_low"] <= m["f1"] <= m["f1_ci_high"]
     assert set(evaluation.FMRS) == {"1e-2", "1e-3"} and "fnmr_at_fmr_1e-3" in m
-
-
-def test_bootstrap_f1_matches_a_plain_loop():
-    rng = np.random.default_rng(0)
-    same, predicted = rng.integers(0, 2, 40), rng.integers(0, 2, 40)
-    low, high = evaluation.bootstrap_f1_ci(same, predicted, n_boot=300, seed=5)
-    draws = np.random.default_rng(5).integers(0, 40, size=(300, 40))
-    values = [f1_score(same[d], predicted[d], zero_division=0) for d in draws]
-    assert (low, high) == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])))
-    assert evaluation.bootstrap_f1_ci(same, predicted, 300, 5) == (low, high)
 
 
 # --------------------------------------------------------------------------- pairs and lists
@@ -219,7 +212,9 @@ def test_embed_models_computes_the_three_embeddings(tiny_nets):
     pixels = np.random.default_rng(0).integers(0, 256, (6, 3, side, side), dtype=np.uint8)
     table = split_table(per_class=3, classes="AB")
     rows = np.array([5, 0, 3])  # any order in, sorted out
-    found = evaluation.embed_models(frozen, unfrozen, ImageCache(pixels), table, rows, size,
+    nets = {"train_frozen": frozen, "train_unfrozen": unfrozen}
+    assert evaluation.checkpoints() == tuple(nets)
+    found = evaluation.embed_models(nets, ImageCache(pixels), table, rows, size,
                                     torch.device("cpu"), "fp32")
     assert set(found) == set(evaluation.MODELS)
     x = transforms.normalize(transforms.eval_crop(size)(torch.from_numpy(pixels[[0, 3, 5]])),
@@ -233,6 +228,37 @@ def test_embed_models_computes_the_three_embeddings(tiny_nets):
         np.testing.assert_allclose(emb.vectors, expected[name].numpy(), atol=1e-4)
         assert emb.labels.tolist() == table["label"].iloc[[0, 3, 5]].tolist()
     assert found["baseline"].vectors.shape[1] == 128 and found["frozen"].vectors.shape[1] == 8
+
+
+def test_a_fourth_model_is_one_registry_entry(tiny_nets):
+    # The fine-tuned network's own pooled backbone, as a fourth model: one ComparedModel.
+    frozen, unfrozen = tiny_nets
+    compared = (*evaluation.COMPARED_MODELS,
+                evaluation.ComparedModel("unfrozen_backbone", "train_unfrozen", "backbone",
+                                         "unfrozen backbone"))
+    side = transforms.cache_size(32)
+    pixels = np.random.default_rng(1).integers(0, 256, (6, 3, side, side), dtype=np.uint8)
+    table = split_table(per_class=3, classes="AB")
+    found = evaluation.embed_models({"train_frozen": frozen, "train_unfrozen": unfrozen},
+                                    ImageCache(pixels), table, np.arange(6), 32,
+                                    torch.device("cpu"), "fp32", compared)
+    assert list(found) == [*evaluation.MODELS, "unfrozen_backbone"]
+    x = transforms.normalize(transforms.eval_crop(32)(torch.from_numpy(pixels)),
+                             transforms.NORMALIZATIONS["imagenet"])
+    with torch.no_grad():
+        expected = F.normalize(unfrozen.features(x), dim=1).numpy()
+    np.testing.assert_allclose(found["unfrozen_backbone"].vectors, expected, atol=1e-4)
+    assert evaluation.checkpoints(compared) == ("train_frozen", "train_unfrozen")
+    # Its metrics get a column and a difference from each model before it.
+    table = evaluation.comparison_table({m.name: {"map": i / 10} for i, m in enumerate(compared)})
+    assert [c for c in table.columns if c.startswith("unfrozen_backbone - ")] == [
+        "unfrozen_backbone - baseline", "unfrozen_backbone - frozen",
+        "unfrozen_backbone - unfrozen"]
+
+
+def test_a_compared_model_needs_a_known_view():
+    with pytest.raises(ValueError, match="view must be one of"):
+        evaluation.ComparedModel("mine", "train_frozen", "logits", "mine")
 
 
 def test_embeddings_save_load_and_take(tmp_path):
@@ -266,7 +292,7 @@ def toy_results(seed=0):
     for noise, name in ((2.0, "baseline"), (0.6, "frozen"), (0.2, "unfrozen")):
         vectors = np.stack([centres[label] for label in labels]) + rng.normal(
             0, noise, (len(labels), 2))
-        emb = evaluation.Embeddings(np.arange(len(table)), evaluation.l2_normalize(vectors),
+        emb = evaluation.Embeddings(np.arange(len(table)), metrics.l2_normalize(vectors),
                                     labels, table["split"].to_numpy(), table["path"].to_numpy())
         results[name] = evaluation.evaluate_model(emb, pairs, queries, gallery,
                                                   EvaluateConfig(bootstrap=100), seed)
@@ -313,9 +339,11 @@ def test_comparison_and_per_class_tables():
 
 def test_example_and_worst_queries():
     results, *_ = toy_results()
-    picks = evaluation.example_queries(8, 3, seed=0)
+    picks = evaluation.subsample(8, 3, seed=0, stream=evaluation.EXAMPLES_STREAM)
     assert len(picks) == 3 and (np.diff(picks) > 0).all()
-    np.testing.assert_array_equal(picks, evaluation.example_queries(8, 3, seed=0))
+    np.testing.assert_array_equal(picks, evaluation.subsample(8, 3, 0, evaluation.EXAMPLES_STREAM))
+    assert not np.array_equal(picks, evaluation.subsample(8, 3, 0, stream=11))  # another caller
+    np.testing.assert_array_equal(evaluation.subsample(5, 20, seed=0, stream=7), np.arange(5))
     per_query = results["baseline"].retrieval.per_query
     worst = evaluation.worst_queries(per_query, 3)
     assert per_query["ap"].iloc[worst].max() <= per_query["ap"].drop(index=worst).min()
@@ -340,6 +368,6 @@ def test_index_card_ties_the_index_to_the_checkpoint(tmp_path):
     model.write_bytes(b"weights")
     card = evaluation.index_card(model, 8, 12)
     assert card["dim"] == 8 and card["items"] == 12
-    assert card["model_sha256"] == evaluation.file_digest(model)
+    assert card["model_sha256"] == hashlib.sha256(b"weights").hexdigest()
     model.write_bytes(b"other weights")
-    assert evaluation.file_digest(model) != card["model_sha256"]
+    assert outputs.file_digest(model) != card["model_sha256"]

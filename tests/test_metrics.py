@@ -14,6 +14,7 @@ from sklearn.metrics import (
 )
 
 from retrieval import metrics
+from retrieval.outputs import UserError
 from retrieval.search import knn
 
 SKLEARN = {
@@ -47,9 +48,7 @@ def random_cases(n_cases=20, seed=0):
 def test_verification_metrics_match_sklearn(y_true, y_pred):
     scores = metrics.verification_scores(y_true, y_pred)
     for name, reference in SKLEARN.items():
-        expected = reference(y_true, y_pred)
-        assert getattr(metrics, name)(y_true, y_pred) == pytest.approx(expected)
-        assert scores[name] == pytest.approx(expected)
+        assert scores[name] == pytest.approx(reference(y_true, y_pred))
     tn, fp, fn, tp = confusion_matrix(y_true, y_pred, labels=[0, 1]).ravel()
     assert metrics.confusion(y_true, y_pred) == {"tp": tp, "tn": tn, "fp": fp, "fn": fn}
 
@@ -65,7 +64,8 @@ def test_confusion_by_hand():
 
 
 def test_bool_inputs_are_accepted():
-    assert metrics.f1(np.array([True, False]), np.array([True, True])) == pytest.approx(2 / 3)
+    scores = metrics.verification_scores(np.array([True, False]), np.array([True, True]))
+    assert scores["f1"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize(
@@ -78,7 +78,7 @@ def test_bool_inputs_are_accepted():
 )
 def test_verification_rejects_bad_input(y_true, y_pred, message):
     with pytest.raises(ValueError, match=message):
-        metrics.accuracy(y_true, y_pred)
+        metrics.verification_scores(y_true, y_pred)
 
 
 def test_choose_threshold_hand_case():
@@ -114,7 +114,9 @@ def test_choose_threshold_is_optimal_on_random_pairs(criterion):
     rng = np.random.default_rng(1)
     same = rng.integers(0, 2, 200)
     distances = np.round(rng.normal(1.0 - 0.5 * same, 0.3), 2)  # rounded: plenty of ties
-    score = getattr(metrics, criterion)
+    def score(y_true, y_pred):
+        return metrics.verification_scores(y_true, y_pred)[criterion]
+
     best = metrics.choose_threshold(distances, same, criterion)
     best_score = score(same, distances <= best)
     for t in np.unique(distances):  # brute force over every distinct cut
@@ -190,7 +192,11 @@ TOY_N_RELEVANT = np.array([2, 3, 0])
 
 
 def test_retrieval_metrics_toy_matrix():
-    result = metrics.retrieval_metrics(TOY_NEIGHBORS, TOY_QUERIES, TOY_N_RELEVANT, ks=(1, 2, 5))
+    per_query = metrics.per_query_retrieval(TOY_NEIGHBORS, TOY_QUERIES, TOY_N_RELEVANT,
+                                            ks=(1, 2, 5))
+    np.testing.assert_array_equal(per_query["precision_at_1"], [1.0, 0.0, 0.0])
+    np.testing.assert_array_equal(per_query["found_all"], [True, True, True])
+    result = metrics.retrieval_metrics(per_query)
     assert result["n_queries"] == 2
     assert result["n_queries_without_relevant"] == 1
     assert result["precision_at_1"] == pytest.approx(0.5)  # q0 hit, q1 miss
@@ -202,6 +208,16 @@ def test_retrieval_metrics_toy_matrix():
     assert result["map"] == pytest.approx(np.mean(ap))
     ap_at_r = [1 / 2, (1 / 2 + 2 / 3) / 3]
     assert result["map_at_r"] == pytest.approx(np.mean(ap_at_r))
+    assert result["map_exact"] is True
+
+
+def test_retrieval_scores_of_the_top_k_when_fewer_columns_than_k():
+    # q0 relevance 1 0 (2 relevant): P@5 counts the two columns there are, recall@10 the top 2;
+    # the second relevant item is beyond K = 2, so its AP is AP@2 and not exact.
+    per_query = metrics.per_query_retrieval(np.array([[0, 1]]), np.array([0]), np.array([2]))
+    assert per_query["precision_at_5"][0] == 0.5 and per_query["recall_at_10"][0] == 1.0
+    assert per_query["ap"][0] == pytest.approx(1 / 2)
+    assert not metrics.retrieval_metrics(per_query)["map_exact"]
 
 
 def test_per_query_average_precision_marks_unscorable_queries():
@@ -217,22 +233,6 @@ def test_average_precision_counts_relevant_items_beyond_k():
     assert ap[0] == pytest.approx((1 + 2 / 3) / 4)
 
 
-def test_per_query_precision_at_1():
-    np.testing.assert_array_equal(
-        metrics.per_query_precision_at_1(TOY_NEIGHBORS, TOY_QUERIES), [1.0, 0.0, 0.0]
-    )
-
-
-def test_per_class_precision_at_1():
-    neighbors = np.array([[0], [1], [0], [2]])
-    queries = np.array([0, 0, 1, 2])  # class 0: hit, miss; class 1: miss; class 2: hit
-    assert metrics.per_class_precision_at_1(neighbors, queries) == {0: 0.5, 1: 0.0, 2: 1.0}
-    # Class 1 has no relevant gallery item: with n_relevant it is left out.
-    scored = metrics.per_class_precision_at_1(neighbors, queries, n_relevant=np.array([2, 2, 0, 1]))
-    assert scored == {0: 0.5, 2: 1.0}
-    assert all(type(label) is int for label in scored)  # JSON-friendly keys
-
-
 def test_count_relevant():
     gallery = np.array([3, 1, 3, 3, 2])
     np.testing.assert_array_equal(metrics.count_relevant(np.array([3, 2, 9]), gallery), [3, 1, 0])
@@ -244,17 +244,13 @@ def test_count_relevant():
 def test_retrieval_metrics_reject_inconsistent_n_relevant():
     # q0's top 5 holds 2 relevant items but n_relevant says 1: the query counted itself wrongly.
     with pytest.raises(ValueError, match="more relevant neighbours"):
-        metrics.retrieval_metrics(TOY_NEIGHBORS, TOY_QUERIES, np.array([1, 3, 0]))
-
-
-def test_retrieval_metrics_need_enough_columns():
-    with pytest.raises(ValueError, match="K=5 columns but these metrics need 10"):
-        metrics.retrieval_metrics(TOY_NEIGHBORS, TOY_QUERIES, TOY_N_RELEVANT)
+        metrics.per_query_retrieval(TOY_NEIGHBORS, TOY_QUERIES, np.array([1, 3, 0]))
 
 
 def test_retrieval_metrics_need_a_scorable_query():
-    with pytest.raises(ValueError, match="no query has a relevant"):
-        metrics.retrieval_metrics(TOY_NEIGHBORS[2:], TOY_QUERIES[2:], np.zeros(1, int), ks=(1,))
+    per_query = metrics.per_query_retrieval(TOY_NEIGHBORS[2:], TOY_QUERIES[2:], np.zeros(1, int))
+    with pytest.raises(UserError, match="no query has a relevant"):
+        metrics.retrieval_metrics(per_query)
 
 
 def clustered_embeddings(n_classes, per_class, dim, seed):
@@ -280,7 +276,8 @@ def test_matches_pytorch_metric_learning_query_is_gallery():
     embeddings, labels = clustered_embeddings(n_classes=8, per_class=12, dim=16, seed=0)
     _, indices = knn(embeddings, embeddings, k=len(labels), exclude_self=True)
     n_relevant = metrics.count_relevant(labels, labels, exclude_self=True)
-    ours = metrics.retrieval_metrics(labels[indices], labels, n_relevant)
+    ours = metrics.retrieval_metrics(
+        metrics.per_query_retrieval(labels[indices], labels, n_relevant))
     theirs = pml_accuracy(embeddings, labels)
     assert ours["n_queries_without_relevant"] == 2
     assert ours["precision_at_1"] == pytest.approx(theirs["precision_at_1"])
@@ -340,3 +337,29 @@ def test_bootstrap_ci_of_a_constant():
 def test_bootstrap_ci_rejects_bad_input(values, kwargs, message):
     with pytest.raises(ValueError, match=message):
         metrics.bootstrap_ci(np.asarray(values, dtype=float), **kwargs)
+
+
+def test_bootstrap_f1_matches_a_plain_loop():
+    rng = np.random.default_rng(0)
+    same, predicted = rng.integers(0, 2, 40), rng.integers(0, 2, 40)
+    low, high = metrics.bootstrap_f1_ci(same, predicted, n_boot=300, seed=5)
+    draws = np.random.default_rng(5).integers(0, 40, size=(300, 40))
+    values = [f1_score(same[d], predicted[d], zero_division=0) for d in draws]
+    assert (low, high) == pytest.approx(tuple(np.quantile(values, [0.025, 0.975])))
+    assert metrics.bootstrap_f1_ci(same, predicted, 300, 5) == (low, high)
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def test_l2_normalize_and_pair_distances():
+    # (3, 4) has length 5; the zero row stays zero instead of dividing by 0.
+    unit = metrics.l2_normalize(np.array([[3.0, 4.0], [0.0, 0.0]]))
+    assert unit.dtype == np.float32
+    np.testing.assert_allclose(unit, [[0.6, 0.8], [0.0, 0.0]])
+    # Unit vectors 90 degrees apart are sqrt(2) apart; a vector is 0 from itself.
+    a = np.array([[1.0, 0.0], [0.6, 0.8]], np.float32)
+    b = np.array([[0.0, 1.0], [0.6, 0.8]], np.float32)
+    distances = metrics.pair_distances(a, b)
+    assert distances.dtype == np.float64
+    np.testing.assert_allclose(distances, [np.sqrt(2), 0.0], atol=1e-7)

@@ -97,38 +97,45 @@ def test_knn_rejects_bad_input(queries, gallery, kwargs, message):
         search.knn(queries, gallery, **kwargs)
 
 
-@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
-def test_index_kinds_find_the_exact_neighbours_on_easy_data(kind):
+def test_iter_knn_yields_the_chunks_of_knn():
+    x = unit_vectors(50, seed=12)
+    for exclude_self in (False, True):
+        distances, indices = search.knn(x, x, k=4, exclude_self=exclude_self)
+        chunks = list(search.iter_knn(x, x, k=4, exclude_self=exclude_self, chunk_size=16))
+        assert [start for start, _, _ in chunks] == [0, 16, 32, 48]
+        np.testing.assert_array_equal(np.concatenate([c[2] for c in chunks]), indices)
+        np.testing.assert_array_equal(np.concatenate([c[1] for c in chunks]), distances)
+        assert not exclude_self or not (indices == np.arange(50)[:, None]).any()
+
+
+def test_iter_knn_checks_its_arguments_before_searching():
+    with pytest.raises(ValueError, match="query set"):
+        search.iter_knn(np.zeros((2, 3)), np.zeros((5, 3)), k=1, exclude_self=True)
+
+
+def test_index_finds_the_exact_neighbours():
     gallery, queries = unit_vectors(2000, seed=7), unit_vectors(40, seed=8)
     exact_distances, exact = search.knn(queries, gallery, k=10)
-    index = search.build_index(gallery, kind, nlist=16, nprobe=16)  # ivf: probe every cell
-    distances, indices = search.search_index(index, queries, k=10)
-    assert search.recall_against_exact(indices, exact, k=10) >= (1.0 if kind != "hnsw" else 0.95)
-    if kind != "hnsw":
-        np.testing.assert_allclose(distances, exact_distances, atol=1e-5)
-
-
-def test_auto_kind_switches_on_size():
-    gallery = unit_vectors(500, seed=9)
-    assert isinstance(search.build_index(gallery), search.faiss.IndexFlatL2)
-    index = search.build_index(gallery, flat_max_items=100)
-    assert isinstance(index, search.faiss.IndexIVFFlat)
-    assert index.ntotal == 500
+    index = search.build_index(gallery)
+    assert isinstance(index, search.faiss.IndexFlatL2) and index.ntotal == 2000
+    distances, indices = search.search_index(index, queries, k=10, chunk_size=16)
+    np.testing.assert_array_equal(indices, exact)
+    np.testing.assert_allclose(distances, exact_distances, atol=1e-5)
 
 
 def test_search_index_clips_k():
-    index = search.build_index(unit_vectors(3), "flat")
+    index = search.build_index(unit_vectors(3))
     assert search.search_index(index, unit_vectors(2, seed=1), k=10)[1].shape == (2, 3)
 
 
 def test_save_load_round_trip(tmp_path):
     gallery, queries = unit_vectors(500, seed=10), unit_vectors(20, seed=11)
-    index = search.build_index(gallery, "ivf", nlist=8, nprobe=3)
+    index = search.build_index(gallery)
     path = tmp_path / "nested" / "gallery.faiss"
     search.save_index(index, path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["gallery.faiss"]  # no temp left
     loaded = search.load_index(path)
-    assert loaded.ntotal == 500 and loaded.nprobe == 3
+    assert loaded.ntotal == 500
     for before, after in zip(
         search.search_index(index, queries, 5), search.search_index(loaded, queries, 5), strict=True
     ):
@@ -137,8 +144,8 @@ def test_save_load_round_trip(tmp_path):
 
 def test_save_replaces_an_existing_file(tmp_path):
     path = tmp_path / "gallery.faiss"
-    search.save_index(search.build_index(unit_vectors(5), "flat"), path)
-    search.save_index(search.build_index(unit_vectors(9), "flat"), path)
+    search.save_index(search.build_index(unit_vectors(5)), path)
+    search.save_index(search.build_index(unit_vectors(9)), path)
     assert search.load_index(path).ntotal == 9
 
 
@@ -155,17 +162,6 @@ def test_load_bad_file(tmp_path):
     assert "\n" not in str(error.value)
 
 
-def test_build_index_rejects_bad_options():
-    with pytest.raises(ValueError, match="kind must be one of"):
-        search.build_index(unit_vectors(5), "lsh")
-    with pytest.raises(ValueError, match="nlist"):
-        search.build_index(unit_vectors(5), "ivf", nlist=10)
-
-
-def test_recall_against_exact():
-    exact = np.array([[0, 1, 2], [3, 4, 5]])
-    approx = np.array([[2, 0, 9], [-1, 4, 3]])  # 2 of 3 found in each row
-    assert search.recall_against_exact(approx, exact, k=3) == pytest.approx(2 / 3)
-    assert search.recall_against_exact(approx, exact, k=1) == pytest.approx(0.0)
-    with pytest.raises(ValueError, match="at least k=4 columns"):
-        search.recall_against_exact(approx, exact, k=4)
+def test_build_index_rejects_an_empty_gallery():
+    with pytest.raises(ValueError, match="empty"):
+        search.build_index(np.zeros((0, 4), np.float32))

@@ -1,10 +1,6 @@
-"""Evaluation of three models side by side: the baseline, train_frozen's and train_unfrozen's.
-
-    baseline  the pooled backbone descriptor before any training. train_frozen never updates its
-              trunk (nor its BatchNorm statistics), so its trunk *is* the untrained (or
-              ImageNet-pretrained) backbone. With GeM pooling the pool's p is train_frozen's.
-    frozen    train_frozen's embedding (trained head on the frozen backbone)
-    unfrozen  train_unfrozen's embedding (fine-tuned backbone and head)
+"""Evaluation of the compared models side by side: ``COMPARED_MODELS``, the registry that says
+for each model which checkpoint it uses and how its embedding is computed (baseline, frozen,
+unfrozen; a fourth model is a fourth entry there).
 
 Every vector is L2-normalised, so Euclidean distances lie in [0, 2] and rank like cosine
 similarity. Embeddings are computed once per model (``embed_models``) and reused by every
@@ -14,17 +10,16 @@ Pair verification: fixed, seeded, balanced pairs from the val and test splits
 (``evaluation_pairs``); the distance threshold is chosen on the val pairs and applied unchanged to
 the test pairs (``verify``). Retrieval: every test image queries the gallery (the other test images,
 or the train split) by exact Euclidean k-NN (``retrieve``), one chunk of queries at a time, so
-memory is O(chunk x max_rank) and a gallery x gallery matrix is never formed.
-
-The same module holds the 2-D projections and separation score of the embed_viz stage
-(``subsample``, ``project_2d``, ``silhouette``). Nothing here knows about params.yaml or folders.
+memory is O(chunk x max_rank) and a gallery x gallery matrix is never formed. The metrics
+themselves are ``metrics``'s. Nothing here knows about params.yaml or folders.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -37,18 +32,67 @@ from retrieval.cache import ImageCache
 from retrieval.config import EvaluateConfig
 from retrieval.embed import run_batched
 from retrieval.models import EmbeddingNet
-from retrieval.outputs import UserError, atomic_path
+from retrieval.outputs import UserError, atomic_path, file_digest, markdown_table
 from retrieval.plots import evaluation as evaluation_plots
 from retrieval.plots.evaluation import Tile
 
-MODELS = ("baseline", "frozen", "unfrozen")
+# --------------------------------------------------------------------------- the compared models
+
+View = Literal["backbone", "head", "model"]
+
+
+@dataclass(frozen=True)
+class ComparedModel:
+    """One model of the comparison: all that evaluate and embed_viz need to know about it."""
+
+    name: str  # key in metrics/evaluate.json, column of the tables, data/embeddings/<name>.npz
+    checkpoint: str  # the training stage whose best.pt it embeds with
+    # How its embedding is computed from that checkpoint's network:
+    #   backbone  the pooled backbone features (``net.features``), the untrained descriptor
+    #   head      the trained head on those features, in float32 (``net.project``)
+    #   model     the whole network (``net(x)``), under the run's precision
+    view: View
+    label: str  # its column heading in comparison.md (short: the delta columns use names)
+    trained: bool = True  # False: the "before training" reference the others are compared with
+
+    def __post_init__(self) -> None:
+        if self.view not in get_args(View):
+            raise ValueError(f"ComparedModel {self.name!r}: view must be one of "
+                             f"{get_args(View)}, found {self.view!r}")
+
+
+# Order matters: tables and figures list the models in it, the comparison table shows every
+# model minus each model before it, and the figures show the first and the last side by side.
+COMPARED_MODELS = (
+    # The pooled backbone descriptor before any training: train_frozen never updates its trunk
+    # (nor its BatchNorm statistics), so its trunk *is* the untrained (or ImageNet-pretrained)
+    # backbone. With GeM pooling the pool's p is train_frozen's.
+    ComparedModel("baseline", "train_frozen", "backbone", "baseline", trained=False),
+    # train_frozen's embedding: the trained head on the frozen backbone.
+    ComparedModel("frozen", "train_frozen", "head", "frozen"),
+    # train_unfrozen's embedding: fine-tuned backbone and head.
+    ComparedModel("unfrozen", "train_unfrozen", "model", "unfrozen"),
+)
+MODELS = tuple(model.name for model in COMPARED_MODELS)
+SEARCHED = "unfrozen"  # whose gallery index `retrieval search` uses (with its checkpoint)
+
+
+def checkpoints(compared: Sequence[ComparedModel] = COMPARED_MODELS) -> tuple[str, ...]:
+    """The training stages whose checkpoints the compared models need, in first-use order."""
+    return tuple(dict.fromkeys(model.checkpoint for model in compared))
+
+
+def compared_model(name: str) -> ComparedModel:
+    return next(model for model in COMPARED_MODELS if model.name == name)
+
+
 FMRS = {"1e-2": 1e-2, "1e-3": 1e-3}  # false match rates at which FNMR is reported
-RECALL_KS = (1, 5, 10)
+RECALL_KS = metrics.RECALL_KS
 SHOWN_NEIGHBORS = 10  # nearest neighbours kept per query for figures
 # Sampler "epochs" of the evaluation pairs: fixed, and apart from training's validation pairs.
 _PAIR_EPOCHS = {"val": 2_000_000, "test": 2_000_001}
 _QUERY_CHUNK = 2048
-_BOOTSTRAP_BLOCK_ELEMENTS = 1 << 22
+EXAMPLES_STREAM = 7  # RNG stream of the example queries shown (see ``subsample``)
 
 # Metrics of the comparison table, in order, with the direction that is better.
 COMPARED = {
@@ -59,6 +103,15 @@ COMPARED = {
     **{f"recall_at_{k}": "higher" for k in RECALL_KS}, "map": "higher", "map_at_r": "higher",
 }
 WITH_CI = ("accuracy", "f1", "precision_at_1", "map")
+
+
+def subsample(n: int, limit: int, seed: int, stream: int) -> np.ndarray:
+    """Sorted positions of a seeded uniform choice of ``min(n, limit)`` of ``n`` items (all of
+    them, in order, when ``n <= limit``). ``stream`` keeps the choices of different callers
+    independent for one seed."""
+    if n <= limit:
+        return np.arange(n)
+    return np.sort(np.random.default_rng([seed, stream]).choice(n, size=limit, replace=False))
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -109,36 +162,51 @@ class Embeddings:
                           ("rows", "vectors", "labels", "splits", "paths")})
 
 
-def l2_normalize(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+def embed_models(nets: Mapping[str, EmbeddingNet], images: ImageCache, table: pd.DataFrame,
+                 rows: np.ndarray, image_size: int, device: torch.device, precision: str,
+                 compared: Sequence[ComparedModel] = COMPARED_MODELS) -> dict[str, Embeddings]:
+    """Embeddings of these split-table rows for every compared model, keyed by model name.
 
-
-def embed_models(frozen: EmbeddingNet, unfrozen: EmbeddingNet, images: ImageCache,
-                 table: pd.DataFrame, rows: np.ndarray, image_size: int, device: torch.device,
-                 precision: str) -> dict[str, Embeddings]:
-    """Embeddings of these split-table rows for the baseline, frozen and unfrozen models.
-
-    The backbone of train_frozen runs once: its pooled features are the baseline and its head
-    maps them to the frozen embedding. ``images`` holds every row of ``table``.
+    ``nets``: training stage -> its network (``checkpoints()`` lists the stages needed). A
+    network's backbone runs once however many models use its features: with the default models
+    train_frozen's pooled features are the baseline and its head maps them to the frozen
+    embedding. ``images`` holds every row of ``table``.
     """
     rows = np.sort(np.asarray(rows, dtype=np.int64))
-    frozen = runtime.prepare_model(frozen, device).eval()
-    unfrozen = runtime.prepare_model(unfrozen, device).eval()
-    features = run_batched(frozen.features, images, rows, image_size, device, precision,
-                           frozen.normalization, desc="baseline features")  # (N, C)
-    with torch.inference_mode():
-        head = [frozen.project(torch.from_numpy(chunk).to(device)).float().cpu()
-                for chunk in np.array_split(features, max(1, len(features) // 4096 + 1))]
-    learned = torch.cat(head).numpy()  # (N, D)
-    tuned = run_batched(unfrozen, images, rows, image_size, device, precision,
-                        unfrozen.normalization, desc="unfrozen embeddings")  # (N, D), already unit length
+    prepared = {stage: runtime.prepare_model(nets[stage], device).eval()
+                for stage in checkpoints(compared)}
+    features: dict[str, np.ndarray] = {}
+
+    def pooled(stage: str, model: str) -> np.ndarray:  # (N, C), once per network
+        if stage not in features:
+            net = prepared[stage]
+            features[stage] = run_batched(net.features, images, rows, image_size, device,
+                                          precision, net.normalization, desc=f"{model} features")
+        return features[stage]
+
     columns = {name: table[name].to_numpy()[rows].astype(str) for name in
                ("label", "split", "path")}
-    return {name: Embeddings(rows, l2_normalize(vectors), columns["label"], columns["split"],
-                             columns["path"])
-            for name, vectors in (("baseline", features), ("frozen", learned),
-                                  ("unfrozen", tuned))}
+    found = {}
+    for model in compared:
+        net = prepared[model.checkpoint]
+        if model.view == "backbone":
+            vectors = pooled(model.checkpoint, model.name)
+        elif model.view == "head":
+            vectors = _head(net, pooled(model.checkpoint, model.name), device)  # (N, D)
+        else:  # "model" (checked by ComparedModel): already unit length
+            vectors = run_batched(net, images, rows, image_size, device, precision,
+                                  net.normalization, desc=f"{model.name} embeddings")
+        found[model.name] = Embeddings(rows, metrics.l2_normalize(vectors), columns["label"],
+                                       columns["split"], columns["path"])
+    return found
+
+
+def _head(net: EmbeddingNet, features: np.ndarray, device: torch.device) -> np.ndarray:
+    """The head on precomputed pooled features, in float32, (N, C) -> (N, D)."""
+    with torch.inference_mode():
+        head = [net.project(torch.from_numpy(chunk).to(device)).float().cpu()
+                for chunk in np.array_split(features, max(1, len(features) // 4096 + 1))]
+    return torch.cat(head).numpy()
 
 
 # --------------------------------------------------------------------------- what is scored
@@ -202,10 +270,9 @@ class Verification:
     report_text: str
 
 
-def pair_distances(embeddings: Embeddings, pairs: pd.DataFrame) -> np.ndarray:
+def _pair_distances(embeddings: Embeddings, pairs: pd.DataFrame) -> np.ndarray:
     """Euclidean distance between the two (unit) embeddings of every pair, (P,)."""
-    a, b = embeddings.take(pairs["i"]), embeddings.take(pairs["j"])
-    return np.linalg.norm(a - b, axis=1).astype(np.float64)
+    return metrics.pair_distances(embeddings.take(pairs["i"]), embeddings.take(pairs["j"]))
 
 
 def verify(val_distances: np.ndarray, val_same: np.ndarray, test_distances: np.ndarray,
@@ -225,31 +292,13 @@ def verify(val_distances: np.ndarray, val_same: np.ndarray, test_distances: np.n
         correct = (same == predicted).astype(np.float64)
         scores["accuracy_ci_low"], scores["accuracy_ci_high"] = metrics.bootstrap_ci(
             correct, n_boot, seed)
-        scores["f1_ci_low"], scores["f1_ci_high"] = bootstrap_f1_ci(same, predicted, n_boot, seed)
+        scores["f1_ci_low"], scores["f1_ci_high"] = metrics.bootstrap_f1_ci(
+            same, predicted, n_boot, seed)
     kwargs = {"labels": [1, 0], "target_names": ["same", "different"], "zero_division": 0}
     return Verification(
         scores, np.asarray(val_distances), np.asarray(test_distances), same, curve["fpr"],
         curve["tpr"], classification_report(same, predicted, output_dict=True, **kwargs),
         classification_report(same, predicted, digits=4, **kwargs))
-
-
-def bootstrap_f1_ci(same: np.ndarray, predicted: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                    alpha: float = 0.05) -> tuple[float, float]:
-    """Percentile bootstrap interval of F1 over resampled pairs (F1 is not a mean of per-pair
-    values, so ``metrics.bootstrap_ci`` does not apply); the threshold stays fixed."""
-    same, predicted = np.asarray(same).astype(bool), np.asarray(predicted).astype(bool)
-    tp, fp, fn = same & predicted, ~same & predicted, same & ~predicted
-    rng = np.random.default_rng(seed)
-    n = same.size
-    block = max(1, _BOOTSTRAP_BLOCK_ELEMENTS // n)
-    values = []
-    for start in range(0, n_boot, block):
-        draw = rng.integers(0, n, size=(min(block, n_boot - start), n))  # (B, n)
-        n_tp, n_fp, n_fn = tp[draw].sum(1), fp[draw].sum(1), fn[draw].sum(1)
-        denominator = 2 * n_tp + n_fp + n_fn
-        values.append(np.where(denominator > 0, 2 * n_tp / np.maximum(denominator, 1), 0.0))
-    low, high = np.quantile(np.concatenate(values), [alpha / 2, 1 - alpha / 2])
-    return float(low), float(high)
 
 
 # --------------------------------------------------------------------------- retrieval
@@ -269,10 +318,9 @@ def retrieve(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
     """Rank the gallery for every query by exact Euclidean distance and score each ranking.
 
     ``same_set``: the queries *are* the gallery (row q of ``queries`` is gallery item q), so each
-    query's own entry is left out of its ranking and of its relevant count. Each query gets
-    ``n_relevant``, ``precision_at_1``, ``precision_at_5``, ``recall_at_{1,5,10}`` (at least one
-    relevant item in the top k), ``ap`` and ``ap_at_r`` (see ``metrics``) and ``found_all`` (all
-    relevant items ranked, i.e. its AP is exact, not AP@max_rank).
+    query's own entry is left out of its ranking and of its relevant count. ``per_query`` holds
+    the query's label and ``metrics.per_query_retrieval``'s scores; ``metrics.retrieval_metrics``
+    of it is the model's summary.
     """
     # Integer class codes: a (chunk, max_rank) matrix of label strings would be 10-100x bigger.
     _, codes = np.unique(np.concatenate([np.asarray(query_labels), np.asarray(gallery_labels)]),
@@ -284,54 +332,17 @@ def retrieve(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
         raise UserError(f"the gallery has {n} item(s): no neighbour to rank")
     n_relevant = metrics.count_relevant(query_codes, gallery_codes, exclude_self=same_set)
     parts, shown, shown_distances = [], [], []
-    for start in range(0, len(queries), chunk_size):
-        stop = min(start + chunk_size, len(queries))
-        distances, indices = search.knn(queries[start:stop], gallery, ranks + int(same_set))
-        if same_set:
-            distances, indices = _drop_own(distances, indices, np.arange(start, stop), ranks)
-        labels = gallery_codes[indices]  # (C, K)
-        own, counts = query_codes[start:stop], n_relevant[start:stop]
-        relevant = labels == own[:, None]  # (C, K)
-        part = {"n_relevant": counts,
-                "precision_at_1": metrics.per_query_precision_at_1(labels, own),
-                "precision_at_5": relevant[:, :5].mean(axis=1)}
-        for k in RECALL_KS:
-            part[f"recall_at_{k}"] = relevant[:, :k].any(axis=1).astype(np.float64)
-        part["ap"] = metrics.per_query_average_precision(labels, own, counts)
-        part["ap_at_r"] = metrics.per_query_average_precision(labels, own, counts, at_r=True)
-        part["found_all"] = relevant.sum(axis=1) == counts
-        parts.append(pd.DataFrame(part))
+    for start, distances, indices in search.iter_knn(queries, gallery, ranks, same_set,
+                                                     chunk_size):
+        stop = start + len(indices)
+        parts.append(pd.DataFrame(metrics.per_query_retrieval(
+            gallery_codes[indices], query_codes[start:stop], n_relevant[start:stop],
+            RECALL_KS)))
         shown.append(indices[:, :SHOWN_NEIGHBORS])
         shown_distances.append(distances[:, :SHOWN_NEIGHBORS])
     per_query = pd.concat(parts, ignore_index=True)
     per_query.insert(0, "label", np.asarray(query_labels))
     return Retrieval(per_query, np.concatenate(shown), np.concatenate(shown_distances), ranks)
-
-
-def _drop_own(distances: np.ndarray, indices: np.ndarray, own: np.ndarray,
-              width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Remove each query's own gallery index from its k+1 results (by index, not by rank: a
-    duplicate image may tie at distance 0); if it is absent, the last result goes instead."""
-    mask = indices == own[:, None]  # (C, k+1)
-    mask[~mask.any(axis=1), -1] = True
-    keep = ~mask
-    return distances[keep].reshape(-1, width), indices[keep].reshape(-1, width)
-
-
-def retrieval_summary(per_query: pd.DataFrame) -> dict[str, float | int | bool]:
-    """Means over the queries that have a relevant gallery item (like metrics.retrieval_metrics)."""
-    scored = per_query[per_query["n_relevant"] > 0]
-    if scored.empty:
-        raise UserError("no query has a relevant gallery item: queries and gallery share no class")
-    summary: dict[str, float | int | bool] = {
-        name: float(scored[name].mean()) for name in
-        ("precision_at_1", "precision_at_5", *[f"recall_at_{k}" for k in RECALL_KS])}
-    summary["map"] = float(scored["ap"].mean())
-    summary["map_at_r"] = float(scored["ap_at_r"].mean())
-    summary["map_exact"] = bool(scored["found_all"].all())
-    summary["n_queries"] = len(scored)
-    summary["n_queries_without_relevant"] = len(per_query) - len(scored)
-    return summary
 
 
 # --------------------------------------------------------------------------- one model, all
@@ -348,23 +359,33 @@ def evaluate_model(embeddings: Embeddings, pairs: pd.DataFrame, queries: pd.Data
                    gallery: pd.DataFrame, cfg: EvaluateConfig, seed: int) -> ModelResult:
     """Pair verification and retrieval of one model, with bootstrap CIs and worst classes."""
     val, test = pairs[pairs["split"] == "val"], pairs[pairs["split"] == "test"]
-    verification = verify(pair_distances(embeddings, val), val["same"].to_numpy(),
-                          pair_distances(embeddings, test), test["same"].to_numpy(),
+    verification = verify(_pair_distances(embeddings, val), val["same"].to_numpy(),
+                          _pair_distances(embeddings, test), test["same"].to_numpy(),
                           cfg.threshold_criterion, cfg.bootstrap, seed)
     same_set = cfg.gallery == "test"
     retrieval = retrieve(embeddings.take(queries["row"]), queries["label"].to_numpy(),
                          embeddings.take(gallery["row"]), gallery["label"].to_numpy(),
                          same_set, cfg.max_rank)
-    scores = {**verification.metrics, **retrieval_summary(retrieval.per_query),
+    scores = {**verification.metrics, **metrics.retrieval_metrics(retrieval.per_query),
               "embedding_dim": int(embeddings.vectors.shape[1]), "ranks": retrieval.ranks}
-    scored = retrieval.per_query[retrieval.per_query["n_relevant"] > 0]
+    scored = _scored(retrieval.per_query)
     if cfg.bootstrap:
         for name, column in (("precision_at_1", "precision_at_1"), ("map", "ap")):
             low, high = metrics.bootstrap_ci(scored[column].to_numpy(), cfg.bootstrap, seed)
             scores[f"{name}_ci_low"], scores[f"{name}_ci_high"] = low, high
-    per_class = scored.groupby("label")["precision_at_1"].mean().sort_values(kind="stable")
+    per_class = _per_class_precision_at_1(scored).sort_values(kind="stable")
     scores["worst_classes"] = per_class.index[:5].tolist()
     return ModelResult(scores, verification, retrieval)
+
+
+def _scored(per_query: pd.DataFrame) -> pd.DataFrame:
+    """The queries that have a relevant gallery item: the ones every metric is averaged over."""
+    return per_query[per_query["n_relevant"] > 0]
+
+
+def _per_class_precision_at_1(scored: pd.DataFrame) -> pd.Series:
+    """Mean precision@1 of the scored queries of each class, indexed by class (sorted)."""
+    return scored.groupby("label")["precision_at_1"].mean()
 
 
 # --------------------------------------------------------------------------- tables
@@ -373,20 +394,23 @@ def evaluate_model(embeddings: Embeddings, pairs: pd.DataFrame, queries: pd.Data
 def comparison_table(results: dict[str, dict]) -> pd.DataFrame:
     """Every pair and retrieval metric for each model, and the differences between them.
 
-    ``results``: model name -> its metrics. Rows: metrics; columns: metric, better
-    (higher | lower), one per model, then frozen-baseline, unfrozen-baseline, unfrozen-frozen.
+    ``results``: model name -> its metrics, in ``COMPARED_MODELS`` order. Rows: metrics;
+    columns: metric, better (higher | lower), one per model, then every model minus each model
+    before it (frozen - baseline, unfrozen - baseline, unfrozen - frozen).
     """
     table = pd.DataFrame({"metric": list(COMPARED), "better": list(COMPARED.values())})
     for model in results:
         table[model] = [results[model].get(name, np.nan) for name in COMPARED]
-    for a, b in (("frozen", "baseline"), ("unfrozen", "baseline"), ("unfrozen", "frozen")):
-        if a in results and b in results:
+    names = list(results)
+    for position, a in enumerate(names):
+        for b in names[:position]:
             table[f"{a} - {b}"] = table[a] - table[b]
     return table
 
 
 def comparison_markdown(table: pd.DataFrame, results: dict[str, dict]) -> str:
-    """The comparison table as Markdown, with 95% bootstrap CIs where computed."""
+    """The comparison table as Markdown, with 95% bootstrap CIs where computed; a compared
+    model's column is headed by its label."""
     models = [m for m in results if m in table]
 
     def cell(metric: str, value: float, model: str | None = None, signed: bool = False) -> str:
@@ -401,23 +425,20 @@ def comparison_markdown(table: pd.DataFrame, results: dict[str, dict]) -> str:
         return text
 
     deltas = [c for c in table.columns if " - " in c]
-    header = ["metric", "better", *models, *deltas]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, row in table.iterrows():
-        cells = [row["metric"], row["better"],
-                 *[cell(row["metric"], row[m], m) for m in models],
-                 *[cell(row["metric"], row[d], signed=True) for d in deltas]]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    labels = {model.name: model.label for model in COMPARED_MODELS}
+    header = ["metric", "better", *[labels.get(m, m) for m in models], *deltas]
+    return markdown_table(header, (
+        [row["metric"], row["better"], *[cell(row["metric"], row[m], m) for m in models],
+         *[cell(row["metric"], row[d], signed=True) for d in deltas]]
+        for _, row in table.iterrows()))
 
 
 def per_class_table(results: dict[str, ModelResult]) -> pd.DataFrame:
     """Precision@1 per query class and model, worst (under the last model) first."""
     columns = {}
     for model, result in results.items():
-        per_query = result.retrieval.per_query
-        scored = per_query[per_query["n_relevant"] > 0]
-        columns[model] = scored.groupby("label")["precision_at_1"].mean()
+        scored = _scored(result.retrieval.per_query)
+        columns[model] = _per_class_precision_at_1(scored)
         columns["queries"] = scored.groupby("label").size()
     table = pd.DataFrame(columns).rename_axis("class").reset_index()
     table = table[["class", "queries", *results]]
@@ -438,16 +459,9 @@ def classification_reports(results: dict[str, ModelResult]) -> tuple[str, dict]:
     return text, {model: r.verification.report for model, r in results.items()}
 
 
-def example_queries(n_queries: int, count: int, seed: int) -> np.ndarray:
-    """A seeded choice of query positions to show, sorted."""
-    rng = np.random.default_rng([seed, 7])
-    return np.sort(rng.choice(n_queries, size=min(count, n_queries), replace=False))
-
-
 def worst_queries(per_query: pd.DataFrame, count: int) -> np.ndarray:
     """Query positions with the lowest AP (ties: wrong first neighbour first, then position)."""
-    scored = per_query[per_query["n_relevant"] > 0]
-    order = scored.sort_values(["ap", "precision_at_1"], kind="stable")
+    order = _scored(per_query).sort_values(["ap", "precision_at_1"], kind="stable")
     return order.index.to_numpy()[:count]
 
 
@@ -456,17 +470,6 @@ def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
     return {f"{model}.{name}": value for model, scores in results.items()
             for name, value in scores.items()
             if isinstance(value, int | float) and not isinstance(value, bool)}
-
-
-def file_digest(path: str | Path) -> str:
-    """Short SHA-256 of a file: ties a saved index to the checkpoint that embedded it."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def index_card(model_path: str | Path, dim: int, items: int) -> dict:
@@ -510,9 +513,9 @@ def figures(results: dict[str, ModelResult], images: ImageCache, queries: pd.Dat
             gallery: pd.DataFrame, examples: int, seed: int) -> dict[str, plt.Figure]:
     """Every figure of the evaluate stage, keyed by name."""
     scores = {model: r.metrics for model, r in results.items()}
-    shown = list(dict.fromkeys(m for m in ("baseline", list(results)[-1]) if m in results))
-    picks = example_queries(len(queries), examples, seed)
-    last = list(results)[-1]
+    first, last = list(results)[0], list(results)[-1]
+    shown = list(dict.fromkeys((first, last)))  # before training and the last trained model
+    picks = subsample(len(queries), examples, seed, EXAMPLES_STREAM)
     worst = worst_queries(results[last].retrieval.per_query, examples)
     ap = results[last].retrieval.per_query["ap"]
     k = min(5, results[last].retrieval.neighbors.shape[1])
@@ -538,66 +541,11 @@ def figures(results: dict[str, ModelResult], images: ImageCache, queries: pd.Dat
     }
 
 
-# --------------------------------------------------------------------------- embed_viz
+def __getattr__(name: str) -> object:
+    # Compatibility, until tests/reliability/test_determinism.py imports project_2d from
+    # retrieval.embed_viz, where it lives now: then delete this function.
+    if name == "project_2d":
+        from retrieval.embed_viz import project_2d
 
-
-def load_split_embeddings(paths: dict[str, str | Path], split: str) -> dict[str, Embeddings]:
-    """Each model's saved embeddings of one split; they must cover the same images in order."""
-    loaded = {name: Embeddings.load(path).subset(split) for name, path in paths.items()}
-    first_name, first = next(iter(loaded.items()))
-    if len(first.rows) < 3:
-        raise UserError(f"{paths[first_name]} holds {len(first.rows)} {split} image(s): "
-                        "need >= 3 to project")
-    for name, other in loaded.items():
-        if not np.array_equal(other.rows, first.rows):
-            raise UserError(f"{paths[name]} and {paths[first_name]} embed different images: "
-                            "re-run evaluate")
-    return loaded
-
-
-def subsample(n: int, max_points: int, seed: int) -> np.ndarray:
-    """At most ``max_points`` of ``n`` positions, a seeded uniform choice, sorted."""
-    if n <= max_points:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([seed, 11]).choice(n, size=max_points, replace=False))
-
-
-def highlighted_classes(labels: np.ndarray, count: int) -> list[str]:
-    """The ``count`` largest classes (ties broken by name): the ones a scatter plot colours."""
-    sizes = pd.Series(labels).value_counts()
-    frame = pd.DataFrame({"label": sizes.index.astype(str), "size": sizes.to_numpy()})
-    return frame.sort_values(["size", "label"], ascending=[False, True],
-                             kind="stable")["label"].head(count).tolist()
-
-
-def project_2d(vectors: np.ndarray, method: str, seed: int,
-               perplexity: float = 30.0) -> np.ndarray:
-    """(N, 2) coordinates by PCA or t-SNE (seeded, PCA-initialised, on <= 50 PCA dimensions).
-
-    t-SNE's perplexity is capped at (N - 1) / 3 so small samples still work.
-    """
-    from sklearn.decomposition import PCA
-    from sklearn.manifold import TSNE
-
-    vectors = np.asarray(vectors, dtype=np.float64)
-    if len(vectors) < 3:
-        raise UserError(f"a 2-D projection needs >= 3 points, found {len(vectors)}")
-    if method == "pca":
-        return PCA(n_components=2, random_state=seed).fit_transform(vectors)
-    if method != "tsne":
-        raise ValueError(f"method must be 'pca' or 'tsne', found {method!r}")
-    if vectors.shape[1] > 50:  # the usual speed-up: t-SNE on the top principal components
-        vectors = PCA(n_components=min(50, len(vectors)), random_state=seed).fit_transform(vectors)
-    tsne = TSNE(n_components=2, perplexity=min(perplexity, (len(vectors) - 1) / 3),
-                init="pca", learning_rate="auto", random_state=seed, n_jobs=1)
-    return tsne.fit_transform(vectors)
-
-
-def silhouette(vectors: np.ndarray, labels: np.ndarray) -> float | None:
-    """Silhouette score of the classes in embedding space (Euclidean); None if undefined."""
-    from sklearn.metrics import silhouette_score
-
-    n_classes = len(np.unique(labels))
-    if not 2 <= n_classes <= len(labels) - 1:
-        return None
-    return float(silhouette_score(vectors, labels, metric="euclidean"))
+        return project_2d
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,20 +13,40 @@ Two families, both independent of how the inputs were produced:
   queries with ``n_relevant == 0`` cannot be scored and are excluded and counted.
 
 ``bootstrap_ci`` turns any per-item values (per pair or per query) into a confidence interval for
-their mean.
+their mean, ``bootstrap_f1_ci`` does the same for F1 (not a mean of per-pair values).
+
+Also here, because every metric is computed on them: ``l2_normalize`` and ``pair_distances``,
+the one normalisation and the one pair distance of the package.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 from sklearn.metrics import auc, roc_curve
+
+from retrieval.outputs import UserError
 
 # The bootstrap draws (n_boot, n) indices; this caps one block of them (~32 MiB of int64).
 _BOOTSTRAP_BLOCK_ELEMENTS = 1 << 22
 
 THRESHOLD_CRITERIA = ("f1", "accuracy")
+RECALL_KS = (1, 5, 10)  # the k of recall_at_k
+
+
+# --------------------------------------------------------------------------- embeddings
+
+
+def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length, as float32 (N, D); an all-zero row stays zero."""
+    vectors = np.asarray(vectors, dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True).clip(1e-12)
+
+
+def pair_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Euclidean distance between row i of ``a`` and row i of ``b`` (both (P, D)), float64 (P,)."""
+    return np.linalg.norm(np.asarray(a) - np.asarray(b), axis=1).astype(np.float64)
 
 
 # --------------------------------------------------------------------------- validation
@@ -101,32 +121,13 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, int]:
     }
 
 
-def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """Fraction of pairs predicted correctly (0.0 for no pairs)."""
-    c = confusion(y_true, y_pred)
-    return _divide(c["tp"] + c["tn"], sum(c.values()))
-
-
-def precision(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """tp / (tp + fp); 0.0 when nothing is predicted positive."""
-    c = confusion(y_true, y_pred)
-    return _divide(c["tp"], c["tp"] + c["fp"])
-
-
-def recall(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """tp / (tp + fn); 0.0 when there are no positive pairs."""
-    c = confusion(y_true, y_pred)
-    return _divide(c["tp"], c["tp"] + c["fn"])
-
-
-def f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
-    """2·tp / (2·tp + fp + fn), the harmonic mean of precision and recall; 0.0 when undefined."""
-    c = confusion(y_true, y_pred)
-    return _divide(2 * c["tp"], 2 * c["tp"] + c["fp"] + c["fn"])
-
-
 def verification_scores(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float | int]:
-    """Accuracy, precision, recall, F1 and the confusion counts in one flat dict."""
+    """Accuracy, precision, recall, F1 and the confusion counts in one flat dict.
+
+    Accuracy = (tp + tn) / n, precision = tp / (tp + fp), recall = tp / (tp + fn) and
+    F1 = 2·tp / (2·tp + fp + fn), each 0.0 where its denominator is 0 (scikit-learn's
+    ``zero_division=0``).
+    """
     c = confusion(y_true, y_pred)
     return {
         "accuracy": _divide(c["tp"] + c["tn"], sum(c.values())),
@@ -269,14 +270,6 @@ def _checked_n_relevant(n_relevant: np.ndarray, relevant: np.ndarray) -> np.ndar
     return counts
 
 
-def per_query_precision_at_1(neighbor_labels: np.ndarray, query_labels: np.ndarray) -> np.ndarray:
-    """1.0 where the nearest neighbour shares the query's label, else 0.0, shape (Q,)."""
-    relevant = _relevance(neighbor_labels, query_labels)
-    if relevant.shape[1] == 0:
-        raise ValueError("neighbor_labels has no columns: search with k >= 1")
-    return relevant[:, 0].astype(np.float64)
-
-
 def per_query_average_precision(
     neighbor_labels: np.ndarray,
     query_labels: np.ndarray,
@@ -302,81 +295,68 @@ def per_query_average_precision(
         return np.where(counts > 0, summed / counts, np.nan)
 
 
-def retrieval_metrics(
+def per_query_retrieval(
     neighbor_labels: np.ndarray,
     query_labels: np.ndarray,
     n_relevant: np.ndarray,
-    ks: Sequence[int] = (1, 5, 10),
-) -> dict[str, float | int]:
-    """Headline retrieval metrics from a (Q, K) nearest-neighbour label matrix.
+    ks: Sequence[int] = RECALL_KS,
+) -> dict[str, np.ndarray]:
+    """Every retrieval score of each query from a (Q, K) nearest-neighbour label matrix, (Q,) each.
 
-    Returns ``precision_at_1``, ``precision_at_5`` (fraction of the top 5 that is relevant),
-    ``recall_at_{k}`` for each k in ``ks``, ``map``, ``map_at_r``, ``n_queries`` (scored) and
-    ``n_queries_without_relevant`` (excluded because ``n_relevant == 0``).
+    ``n_relevant`` (the input, passed through), ``precision_at_1``, ``precision_at_5`` (fraction
+    of the top 5 that is relevant), ``recall_at_{k}`` for each k in ``ks``, ``ap`` and ``ap_at_r``
+    (``per_query_average_precision``; NaN where ``n_relevant == 0``) and ``found_all`` (every
+    relevant item is among the K, so ``ap`` is exact AP, not AP@K). Rows are independent, so the
+    matrix can be scored in chunks of queries.
 
     ``recall_at_k`` follows the metric-learning convention (Recall@K in the CUB/SOP/In-shop
-    papers): the fraction of queries with *at least one* relevant item in the top k, not the
-    fraction of all relevant items retrieved. ``map`` is exact when K covers the whole gallery and
-    mAP@K otherwise (see ``per_query_average_precision``); ``map_at_r`` is exact when
-    K >= max(n_relevant).
+    papers): 1.0 if *at least one* relevant item is in the top k, not the fraction of all
+    relevant items retrieved. Where K < 5 or K < k (a gallery that small), the scores at 5 and k
+    are those of the top K.
     """
     relevant = _relevance(neighbor_labels, query_labels)  # (Q, K)
-    counts = _checked_n_relevant(n_relevant, relevant)
-    needed = max([5, *ks])
+    counts = _checked_n_relevant(n_relevant, relevant)  # (Q,)
+    if relevant.shape[1] == 0:
+        raise ValueError("neighbor_labels has no columns: search with k >= 1")
     if min(ks, default=1) < 1:
         raise ValueError(f"ks must be positive ranks, found {list(ks)}")
-    if relevant.shape[1] < needed:
-        raise ValueError(
-            f"neighbor_labels has K={relevant.shape[1]} columns but these metrics need {needed} "
-            "(max of ks and 5): search with a larger k or pass smaller ks"
-        )
-    scored = counts > 0
-    if not scored.any():
-        raise ValueError(
-            "no query has a relevant gallery item (n_relevant is 0 everywhere): check that "
-            "queries and gallery share labels"
-        )
-    neighbors = np.asarray(neighbor_labels)[scored]
-    queries = np.asarray(query_labels)[scored]
-    relevant, counts = relevant[scored], counts[scored]
-
-    results: dict[str, float | int] = {
-        "precision_at_1": float(relevant[:, 0].mean()),
-        "precision_at_5": float(relevant[:, :5].mean()),
-    }
+    scores = {"n_relevant": counts,
+              "precision_at_1": relevant[:, 0].astype(np.float64),
+              "precision_at_5": relevant[:, :5].mean(axis=1)}
     for k in ks:
-        results[f"recall_at_{k}"] = float(relevant[:, :k].any(axis=1).mean())
-    results["map"] = float(per_query_average_precision(neighbors, queries, counts).mean())
-    results["map_at_r"] = float(
-        per_query_average_precision(neighbors, queries, counts, at_r=True).mean()
-    )
-    results["n_queries"] = int(scored.sum())
-    results["n_queries_without_relevant"] = int((~scored).sum())
-    return results
+        scores[f"recall_at_{k}"] = relevant[:, :k].any(axis=1).astype(np.float64)
+    scores["ap"] = per_query_average_precision(neighbor_labels, query_labels, counts)
+    scores["ap_at_r"] = per_query_average_precision(neighbor_labels, query_labels, counts,
+                                                    at_r=True)
+    scores["found_all"] = relevant.sum(axis=1) == counts
+    return scores
 
 
-def per_class_precision_at_1(
-    neighbor_labels: np.ndarray,
-    query_labels: np.ndarray,
-    n_relevant: np.ndarray | None = None,
-) -> dict[object, float]:
-    """Precision@1 averaged over the queries of each class, keyed by label (sorted).
+def retrieval_metrics(per_query: Mapping[str, np.ndarray]) -> dict[str, float | int | bool]:
+    """Headline retrieval metrics: the means of ``per_query_retrieval``'s scores over the queries
+    that have a relevant gallery item (``per_query`` may be that dict or a DataFrame of it).
 
-    Pass ``n_relevant`` to leave out queries that have no relevant gallery item, as
-    ``retrieval_metrics`` does; classes left with no query are then omitted.
+    Returns ``precision_at_1``, ``precision_at_5``, each ``recall_at_{k}``, ``map``, ``map_at_r``,
+    ``map_exact`` (every scored query found all its relevant items: ``map`` is exact mAP, not
+    mAP@K), ``n_queries`` (scored) and ``n_queries_without_relevant`` (excluded).
     """
-    hits = per_query_precision_at_1(neighbor_labels, query_labels)  # (Q,)
-    labels = np.asarray(query_labels)
-    if n_relevant is not None:
-        keep = _checked_n_relevant(n_relevant, _relevance(neighbor_labels, query_labels)) > 0
-        hits, labels = hits[keep], labels[keep]
-    classes, group = np.unique(labels, return_inverse=True)
-    means = np.bincount(group, weights=hits, minlength=len(classes)) / np.bincount(
-        group, minlength=len(classes)
-    )
-    # Plain Python keys so the dict goes straight into JSON / MLflow.
-    keys = [c.item() if isinstance(c, np.generic) else c for c in classes]
-    return dict(zip(keys, means.tolist(), strict=True))
+    scored = np.asarray(per_query["n_relevant"]) > 0  # (Q,)
+    if not scored.any():
+        raise UserError("no query has a relevant gallery item (n_relevant is 0 everywhere): "
+                        "queries and gallery share no class")
+
+    def mean(name: str) -> float:
+        return float(np.asarray(per_query[name])[scored].mean())
+
+    recalls = [name for name in per_query if str(name).startswith("recall_at_")]
+    summary: dict[str, float | int | bool] = {
+        name: mean(name) for name in ("precision_at_1", "precision_at_5", *recalls)}
+    summary["map"] = mean("ap")
+    summary["map_at_r"] = mean("ap_at_r")
+    summary["map_exact"] = bool(np.asarray(per_query["found_all"])[scored].all())
+    summary["n_queries"] = int(scored.sum())
+    summary["n_queries_without_relevant"] = int((~scored).sum())
+    return summary
 
 
 # --------------------------------------------------------------------------- uncertainty
@@ -414,4 +394,23 @@ def bootstrap_ci(
         ]
     )  # (n_boot,)
     low, high = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
+def bootstrap_f1_ci(same: np.ndarray, predicted: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                    alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap interval of F1 over resampled pairs (F1 is not a mean of per-pair
+    values, so ``bootstrap_ci`` does not apply); the threshold stays fixed."""
+    same, predicted = np.asarray(same).astype(bool), np.asarray(predicted).astype(bool)
+    tp, fp, fn = same & predicted, ~same & predicted, same & ~predicted
+    rng = np.random.default_rng(seed)
+    n = same.size
+    block = max(1, _BOOTSTRAP_BLOCK_ELEMENTS // n)
+    values = []
+    for start in range(0, n_boot, block):
+        draw = rng.integers(0, n, size=(min(block, n_boot - start), n))  # (B, n)
+        n_tp, n_fp, n_fn = tp[draw].sum(1), fp[draw].sum(1), fn[draw].sum(1)
+        denominator = 2 * n_tp + n_fp + n_fn
+        values.append(np.where(denominator > 0, 2 * n_tp / np.maximum(denominator, 1), 0.0))
+    low, high = np.quantile(np.concatenate(values), [alpha / 2, 1 - alpha / 2])
     return float(low), float(high)

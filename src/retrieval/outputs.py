@@ -1,17 +1,21 @@
 """Writing stage outputs: atomically, so a killed stage never leaves half a file.
 
-Every file is written to a temporary sibling and renamed into place (rename is atomic on POSIX).
+Every file is written to a temporary sibling and renamed into place (rename is atomic on POSIX):
+``atomic_path`` is the one implementation, and ``write_json``, ``write_csv``, ``write_text`` and
+``save_figure`` are built on it. Also here: ``markdown_table`` (the Markdown every output file
+uses) and ``file_digest`` (what ties an output to the file it was computed from).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import signal
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -60,6 +64,11 @@ def write_json(path: str | Path, data: dict) -> None:
         temp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
 
 
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as temp:
+        temp.write_text(text)
+
+
 def read_json(path: str | Path) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -75,6 +84,23 @@ def save_figure(figure: Any, path: str | Path, dpi: int = 110) -> None:
     with atomic_path(path) as temp:
         figure.savefig(temp, dpi=dpi, bbox_inches="tight", format=Path(path).suffix[1:])
     plt.close(figure)
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    """A Markdown (GitHub) table of already formatted cells, one line a row, newline-terminated."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 (hex) of a file's bytes: ties a saved index or explainer to the checkpoint that
+    made it, so a later command can tell that the checkpoint has been replaced since."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def run_main(main: Callable[[], None]) -> None:

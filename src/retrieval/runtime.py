@@ -79,10 +79,6 @@ def prepare_model(model: torch.nn.Module, device: torch.device) -> torch.nn.Modu
     return model.to(device).to(memory_format=torch.channels_last)
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-
-
 # --- torchrun / DistributedDataParallel ------------------------------------------------------
 
 def world_size() -> int:

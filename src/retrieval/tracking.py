@@ -179,21 +179,6 @@ def _find_or_create_parent(mlflow: Any, experiment: str, group: str, display: st
     return run.info.run_id
 
 
-def group_runs(params: dict[str, Any]) -> dict[str, str]:
-    """stage -> latest run id of the current pipeline execution (for the report)."""
-    import mlflow
-
-    mlflow.set_tracking_uri(tracking_uri())
-    experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
-    if experiment is None:
-        return {}
-    group, _ = run_group(params)
-    runs = mlflow.MlflowClient().search_runs(
-        [experiment.experiment_id], filter_string=f"tags.`pipeline.group` = '{group}'",
-        order_by=["attributes.start_time ASC"])
-    return {run.data.tags.get("stage", "pipeline"): run.info.run_id for run in runs}
-
-
 def pipeline_runs(max_results: int = 200) -> list[dict[str, Any]]:
     """Every pipeline execution (parent run), newest first, as plain dicts: run_id, name,
     dvc_experiment, git_commit, params and metrics (for the report's experiment comparison)."""
@@ -214,8 +199,9 @@ def pipeline_runs(max_results: int = 200) -> list[dict[str, Any]]:
 
 
 def pipeline_run_ids(params: dict[str, Any]) -> dict[str, str]:
-    """Like `group_runs`, but searching every experiment: stage runs started without an
-    experiment id (nested `mlflow.start_run`) land in MLflow's 'Default' experiment."""
+    """stage -> latest run id of the current pipeline execution (for the report), searching
+    every experiment: stage runs started without an experiment id (nested `mlflow.start_run`)
+    land in MLflow's 'Default' experiment."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri())
