@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from retrieval import cache, config, data, models, outputs, runtime, tracking
+from retrieval import cache, cam, config, data, models, outputs, runtime, tracking
 from retrieval.outputs import UserError
 from retrieval.plots import segmentation as figures
 from retrieval.segmentation import experiment, explainers, geometry, summary
@@ -37,6 +37,7 @@ FROZEN, UNFROZEN = Path("models/train_frozen/best.pt"), Path("models/train_unfro
 def main() -> None:
     started = time.perf_counter()
     params = config.load_params()
+    cam.check_params(params.gradcam_segment.methods, params.gradcam_segment.binarize)
     size = params.data.image_size
     table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
     device = runtime.resolve_device(params.device)

@@ -147,3 +147,8 @@ def test_batchnorm_frozen_keeps_every_trunk_statistic_but_trains_the_weights():
     assert all(p.requires_grad for p in net.trunk.parameters())
     assert any(m.training for m in net.head.modules()
                if isinstance(m, torch.nn.BatchNorm1d))  # the head's own BatchNorm trains
+
+
+def test_an_unknown_backbone_is_refused_by_name_from_the_registry():
+    with pytest.raises(UserError, match=r"model.backbone \('resnet34'\) must be one of \["):
+        models.EmbeddingNet(ModelConfig(backbone="resnet34"))

@@ -93,9 +93,8 @@ def test_batch_augment_is_seeded_by_torch_and_stays_in_the_pixel_range():
 
 @pytest.mark.parametrize("enabled", [True, False])
 def test_image_encoder_inputs_are_channels_last_float(enabled):
-    from retrieval.cache import ImageCache
-
     from retrieval import config, models
+    from retrieval.cache import ImageCache
 
     images = ImageCache(random_images(6, 37).numpy())
     net = models.EmbeddingNet(config.ModelConfig(backbone="cifar_resnet", cifar_n=1))

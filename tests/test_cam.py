@@ -12,6 +12,7 @@ import torchvision
 from pytorch_grad_cam import GuidedBackpropReLUModel
 from torch import nn
 
+from retrieval import cam
 from retrieval.cam import (
     SALIENCY_METHODS,
     ClassLogit,
@@ -392,3 +393,13 @@ def test_guided_backprop_matches_pytorch_grad_cam_on_a_classifier() -> None:
     expected = np.abs(reference).max(axis=2)
     expected = (expected - expected.min()) / (expected.max() - expected.min())
     np.testing.assert_allclose(saliency, expected, atol=1e-5)
+
+
+def test_check_params_names_the_key_for_an_unknown_method_or_binarisation():
+    from retrieval.config import ParamsError
+
+    cam.check_params(list(cam.SALIENCY_METHODS), ["otsu", "fixed:0.5", "top_percent:20"])
+    with pytest.raises(ParamsError, match=r"gradcam_segment.methods has unknown 'lime'"):
+        cam.check_params(["gradcam", "lime"], ["otsu"])
+    with pytest.raises(ParamsError, match=r"gradcam_segment.binarize has 'half'"):
+        cam.check_params(["gradcam"], ["half"])

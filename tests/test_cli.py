@@ -236,14 +236,15 @@ def test_segment_errors(folder, capsys):
 
 def test_segment_and_the_stage_read_one_binarisation_grammar(folder, capsys):
     """What params.yaml accepts, --binarize accepts, and the other way round."""
-    from retrieval.config import ParamsError, params_from_dict
+    from retrieval import cam
+    from retrieval.config import ParamsError
 
     tmp_path, prototypes = folder
     argv = [tmp_path / "images", "--out", tmp_path / "out", "--model", tmp_path / "model.pt",
             "--prototypes", prototypes, "--device", "cpu", "--binarize"]
     for text in ("fixed:.25", "top_percent:12.5", "otsu:", "fixed:1.5", "top_percent:1e1"):
         try:
-            params_from_dict({"gradcam_segment": {"binarize": [text]}})
+            cam.check_params(["gradcam"], [text])  # the stage's check
             accepted = True
         except ParamsError:
             accepted = False

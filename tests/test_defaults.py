@@ -17,6 +17,6 @@ def test_dataclass_defaults_equal_params_yaml_key_for_key():
     defaults = config.flatten(config.to_dict(config.Params()))
     defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
     in_yaml = config.flatten(yaml.safe_load(PARAMS.read_text()))
-    assert sorted(defaults) == sorted(in_yaml), "params.yaml and the dataclasses name different keys"
+    assert sorted(defaults) == sorted(in_yaml), "params.yaml and the dataclasses differ in keys"
     differing = {k: (defaults[k], in_yaml[k]) for k in defaults if defaults[k] != in_yaml[k]}
     assert not differing, f"dataclass default != params.yaml: {differing}"

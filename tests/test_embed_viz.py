@@ -99,12 +99,3 @@ def test_two_dimensional_embeddings_are_plotted_directly():
 
 def test_figure_titles_name_the_models_before_and_after_training():
     assert embed_viz.before_and_after() == "before training (baseline) and after (frozen, unfrozen)"
-
-
-def test_project_2d_is_still_importable_from_evaluation():
-    # Compatibility for tests/reliability/test_determinism.py (see evaluation.__getattr__).
-    from retrieval.evaluation import project_2d
-
-    assert project_2d is embed_viz.project_2d
-    with pytest.raises(AttributeError):
-        evaluation.no_such_function  # noqa: B018

@@ -281,7 +281,6 @@ def test_explainer_file_round_trip_and_model_check(tmp_path):
     ({"batch_size": 0}, "gradcam_segment.batch_size must be >= 1"),
     ({"methods": []}, "gradcam_segment.methods is empty"),
     ({"methods": ["gradcam", "gradcam"]}, "names a method twice"),
-    ({"binarize": ["top_percent:150"]}, "top_percent takes a percentage"),
     ({"binarize": []}, "gradcam_segment.binarize is empty"),
     ({"overlays": -1}, "gradcam_segment.overlays must be >= 0"),
 ])
@@ -290,14 +289,18 @@ def test_gradcam_params_are_validated(section, message):
         params_from_dict({"gradcam_segment": section})
 
 
+def test_a_percentage_over_100_is_refused_by_the_stages_check():
+    with pytest.raises(ParamsError, match="top_percent takes a percentage"):
+        cam.check_params(["gradcam"], ["top_percent:150"])
+
+
 def test_a_saliency_method_is_one_registry_entry(monkeypatch):
-    """Validation reads cam's registry: an entry added there is a valid method at once."""
+    """The stage's check reads cam's registry: an entry added there is a valid method at once."""
     with pytest.raises(ParamsError, match="has unknown 'blur'"):
-        params_from_dict({"gradcam_segment": {"methods": ["blur"]}})
+        cam.check_params(["blur"], ["otsu"])
     flat = cam.SaliencyMethod(lambda model, images, targets: np.zeros((len(images), 4, 4)))
     monkeypatch.setitem(cam.SALIENCY_METHODS, "blur", flat)
-    params = params_from_dict({"gradcam_segment": {"methods": ["gradcam", "blur"]}})
-    assert params.gradcam_segment.methods == ("gradcam", "blur")
+    cam.check_params(["gradcam", "blur"], ["otsu", "top_percent:20"])
     maps = cam.saliency_maps(tiny_net(), torch.zeros(2, 3, 4, 4), [cam.ClassLogit(0)] * 2, "blur")
     assert maps.shape == (2, 4, 4)
 

@@ -289,6 +289,24 @@ _SETTING = re.compile(r"(?P<method>[a-z_]+)(:(?P<value>\d+(\.\d+)?|\.\d+))?")
 Binarization = tuple[str, float | None]  # ("otsu", None), ("fixed", 0.5), ("top_percent", 30.0)
 
 
+def check_params(methods: Sequence[str], binarize: Sequence[str],
+                 key: str = "gradcam_segment") -> None:
+    """Every method is in the registry and every binarisation parses, or a ParamsError that
+    names the key (the stage calls this before any work)."""
+    from retrieval.config import ParamsError
+
+    for method in methods:
+        if method not in SALIENCY_METHODS:
+            raise ParamsError(f"{key}.methods has unknown '{method}' (valid: "
+                              f"{sorted(SALIENCY_METHODS)}): change {key}.methods in params.yaml")
+    for candidate in binarize:
+        try:
+            parse_binarization(candidate)
+        except ValueError as error:
+            raise ParamsError(f"{key}.binarize has '{candidate}' ({error}): change "
+                              f"{key}.binarize in params.yaml") from error
+
+
 def parse_binarization(text: str) -> Binarization:
     """"otsu" -> ("otsu", None); "top_percent:30" -> ("top_percent", 30.0); "fixed:0.5" -> ...
 

@@ -540,12 +540,3 @@ def figures(results: dict[str, ModelResult], images: ImageCache, queries: pd.Dat
             gaps_after=(0,)),
     }
 
-
-def __getattr__(name: str) -> object:
-    # Compatibility, until tests/reliability/test_determinism.py imports project_2d from
-    # retrieval.embed_viz, where it lives now: then delete this function.
-    if name == "project_2d":
-        from retrieval.embed_viz import project_2d
-
-        return project_2d
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

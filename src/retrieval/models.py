@@ -22,7 +22,6 @@ backbone is constant, so train_frozen can cache it once.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
@@ -193,7 +192,8 @@ BACKBONES: dict[str, Backbone] = {
 
 def backbone(name: str) -> Backbone:
     if name not in BACKBONES:
-        raise UserError(f"model.backbone is '{name}', expected one of {sorted(BACKBONES)}")
+        raise UserError(f"model.backbone ('{name}') must be one of {sorted(BACKBONES)}: change "
+                        "model.backbone in params.yaml")
     return BACKBONES[name]
 
 

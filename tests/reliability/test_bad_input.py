@@ -18,8 +18,6 @@ cannot supply validation/test pairs, and models of another architecture for the 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import io
 import json
 import struct
@@ -364,10 +362,6 @@ def test_a_relative_weights_path_starts_at_the_project_root(monkeypatch, tmp_pat
 # --- the commands: compare, search, segment ------------------------------------------------------
 
 def has_command(name: str) -> bool:
-    if name == "segment":
-        spec = importlib.util.find_spec("retrieval.segmentation")
-        return spec is not None and hasattr(importlib.import_module("retrieval.segmentation"),
-                                            "segment_main")
     try:
         from retrieval import cli
     except ImportError:

@@ -95,7 +95,7 @@ def neighbours(points: np.ndarray, k: int) -> np.ndarray:
 
 
 def test_tsne_layout_is_stable_in_what_it_shows():
-    from retrieval.evaluation import project_2d
+    from retrieval.embed_viz import project_2d
 
     rng = np.random.default_rng(0)
     centres = rng.normal(size=(5, 16)) * 3
