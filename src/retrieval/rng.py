@@ -9,8 +9,8 @@ far above any real epoch count.
 The numbers are part of every result: changing one changes which pairs, triplets and batches a
 run sees. Add new streams; never renumber old ones.
 
-Not here: ``transforms``/``training.BatchAugment`` draws augmentations from torch's global RNG,
-which ``fit`` seeds per epoch with ``torch_epoch_seed``.
+Not a stream of its own: augmentation (``BatchAugment``) and dropout draw from torch's global
+RNG, which ``training.fit`` reseeds at the start of every epoch with ``torch_epoch_seed``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import enum
 import numpy as np
 
 
+@enum.unique
 class Stream(enum.IntEnum):
     """The third word of a sampler's seed: one per kind of draw in ``sampling``."""
 
@@ -34,8 +35,8 @@ class Stream(enum.IntEnum):
 # Fixed "epochs" for samples that never change during a run. Real epochs count from 1.
 VAL_EPOCH = 1_000_000  # training: validation pairs (and validation triplets)
 TRAIN_EVAL_EPOCH = 1_000_001  # training: the train-split pairs that train_* metrics use
-EVALUATE_VAL_EPOCH = 2_000_000  # evaluate: val pairs the decision threshold is chosen on
-EVALUATE_TEST_EPOCH = 2_000_001  # evaluate: test pairs
+EVALUATE_VAL_EPOCH = 2_000_000  # evaluation: val pairs the decision threshold is chosen on
+EVALUATE_TEST_EPOCH = 2_000_001  # evaluation: test pairs
 
 # Torch's global RNG (dropout, augmentation) is reseeded every epoch with seed * this + epoch,
 # so a resumed run continues exactly like an uninterrupted one. A prime, so that (seed, epoch)
