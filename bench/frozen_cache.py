@@ -28,8 +28,9 @@ PRECISION = "bf16"
 def fit(net, encoder, split, cfg, workdir: Path) -> None:
     optimizer = training.build_optimizer(net, "adam", 1e-3, 1e-4, 0.9)
     with tempfile.TemporaryDirectory(dir=workdir) as temp:
-        training.fit(net, encoder, optimizer, split["train"], split["val"], split["labels"], cfg,
-                     EPOCHS, 0, Path(temp) / "resume.pt", "bench")
+        data = training.TrainingData(split["labels"], [], split["train"], split["val"])
+        training.fit(net, encoder, optimizer, data, cfg, epochs=EPOCHS, seed=0,
+                     resume=training.ResumeSpec(Path(temp) / "resume.pt", "bench"))
 
 
 FEATURE_PASS_S: list[float] = []  # the cached side's one-off feature pass, per call

@@ -127,9 +127,10 @@ def train_model(data: dict, precision: str, workdir: Path):
                              threshold_criterion="accuracy")
     optimizer = training.build_optimizer(net, "adam", 1e-3, 1e-4, 0.9)
     with tempfile.TemporaryDirectory(dir=workdir) as temp:
-        result = training.fit(net, encoder, optimizer, data["train"], data["val"],
-                              data["labels"], cfg, TRAIN_EPOCHS if not data["quick"] else 1,
-                              0, Path(temp) / "resume.pt", "bench")
+        split = training.TrainingData(data["labels"], [], data["train"], data["val"])
+        result = training.fit(net, encoder, optimizer, split, cfg,
+                              epochs=TRAIN_EPOCHS if not data["quick"] else 1, seed=0,
+                              resume=training.ResumeSpec(Path(temp) / "resume.pt", "bench"))
     net.load_state_dict(result.best_state)
     return net.eval()
 

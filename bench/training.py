@@ -38,8 +38,10 @@ def pipeline_epoch(net, encoder, optimizer, train_idx, val_idx, labels, cfg,
     The optimizer lives across calls, as across the epochs of a stage: its state is allocated
     once, in the warm-up call."""
     with tempfile.TemporaryDirectory(dir=workdir) as temp:
-        result = training.fit(net, encoder, optimizer, train_idx, val_idx, labels, cfg, 1, 0,
-                              Path(temp) / "resume.pt", "bench")
+        result = training.fit(net, encoder, optimizer,
+                              training.TrainingData(labels, [], train_idx, val_idx), cfg,
+                              epochs=1, seed=0,
+                              resume=training.ResumeSpec(Path(temp) / "resume.pt", "bench"))
     return result.train_seconds
 
 

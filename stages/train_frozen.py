@@ -13,20 +13,32 @@ Writes: models/train_frozen/best.pt, plots/train_frozen/{history.csv,curves.png}
 import numpy as np
 import torch
 
-from retrieval import cache, config, data, models, outputs, runtime, tracking, training, workspace
+from retrieval import (
+    cache,
+    config,
+    data,
+    losses,
+    models,
+    outputs,
+    runtime,
+    tracking,
+    training,
+    workspace,
+)
 
 STAGE = "train_frozen"
 
 
 def main() -> None:
     params = config.load_params()
+    losses.check_params(params.train)
     t, size = params.train, params.data.image_size
     table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
     split = training.TrainingData.from_table(table)
     device = runtime.resolve_device(params.device)
     torch.manual_seed(params.seed)  # the head's (and a weights: none trunk's) initialisation
     net = runtime.prepare_model(models.EmbeddingNet(
-        params.model, len(split.classes) if t.loss == "cross_entropy" else 0), device)
+        params.model, training.classifier_classes(t, split)), device)
     net.trunk.requires_grad_(False)
     keys = ("seed", "lr", "precision", "data", "model", "train", STAGE)
     with tracking.stage_run(STAGE, config.select(params, keys),
@@ -48,10 +60,11 @@ def main() -> None:
         optimizer = training.build_optimizer(net, t.optimizer, params.lr, t.weight_decay,
                                              t.momentum)
         run_id = training.fingerprint(config.select(params, keys), images.key)
+        resume = training.ResumeSpec(workspace.cache_dir() / "resume" / f"{STAGE}-{run_id}.pt",
+                                     run_id)
         result = training.fit(
-            net, encoder, optimizer, split.train_idx, split.val_idx, split.labels, t,
-            params.train_frozen.epochs, params.seed,
-            workspace.cache_dir() / "resume" / f"{STAGE}-{run_id}.pt", run_id,
+            net, encoder, optimizer, split, t, epochs=params.train_frozen.epochs,
+            seed=params.seed, resume=resume,
             on_epoch=lambda epoch, row: run.log_metrics(row, step=epoch),
             save_best=training.best_checkpoint_writer(STAGE, net, split, size))
         pretrained = params.model.weights != "none"

@@ -15,13 +15,25 @@ import contextlib
 
 import torch
 
-from retrieval import cache, config, data, models, outputs, runtime, tracking, training, workspace
+from retrieval import (
+    cache,
+    config,
+    data,
+    losses,
+    models,
+    outputs,
+    runtime,
+    tracking,
+    training,
+    workspace,
+)
 
 STAGE = "train_unfrozen"
 
 
 def main() -> None:
     params = config.load_params()
+    losses.check_params(params.train)
     t, u, size = params.train, params.train_unfrozen, params.data.image_size
     table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
     split = training.TrainingData.from_table(table)
@@ -32,7 +44,7 @@ def main() -> None:
         net, _ = models.load_model("models/train_frozen/best.pt")
     else:
         net = models.EmbeddingNet(params.model,
-                                  len(split.classes) if t.loss == "cross_entropy" else 0)
+                                  training.classifier_classes(t, split))
     models.set_trunk_trainable(net, u.unfreeze_from, u.batchnorm)
     net = runtime.prepare_model(net, device)
     model = (torch.nn.parallel.DistributedDataParallel(net) if runtime.world_size() > 1
@@ -49,9 +61,10 @@ def main() -> None:
                                              t.momentum, u.backbone_lr_mult)
         run_id = training.fingerprint(config.select(params, keys), images.key,
                                       runtime.world_size())
+        resume = training.ResumeSpec(workspace.cache_dir() / "resume" / f"{STAGE}-{run_id}.pt",
+                                     run_id)
         result = training.fit(
-            net, encoder, optimizer, split.train_idx, split.val_idx, split.labels, t, u.epochs,
-            params.seed, workspace.cache_dir() / "resume" / f"{STAGE}-{run_id}.pt", run_id,
+            net, encoder, optimizer, split, t, epochs=u.epochs, seed=params.seed, resume=resume,
             on_epoch=lambda epoch, row: run.log_metrics(row, step=epoch),
             save_best=training.best_checkpoint_writer(STAGE, net, split, size))
         if runtime.is_main_process():

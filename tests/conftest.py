@@ -33,12 +33,18 @@ TINY_PARAMS = {
 }
 
 
-def merge(base: dict, overrides: dict) -> dict:
+def merge(base: dict, overrides: dict, where: str = "") -> dict:
+    """``base`` with ``overrides`` applied, nested mappings key by key. A key ``base`` does not
+    have is an error: a misspelt override would otherwise be dropped and the test would run
+    on the defaults without saying so."""
     merged = dict(base)
     for key, value in overrides.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merged[key] = merge(base[key], value)
-        elif key in base:
+        if key not in base:
+            raise KeyError(f"override '{where}{key}' is not a key of params.yaml "
+                           f"(keys there: {', '.join(map(str, base))})")
+        if isinstance(value, dict) and isinstance(base[key], dict):
+            merged[key] = merge(base[key], value, f"{where}{key}.")
+        else:
             merged[key] = value
     return merged
 

@@ -1,4 +1,5 @@
-"""Losses against hand-computed values on tiny 2-D embeddings at known positions."""
+"""Losses against hand-computed values on tiny 2-D embeddings at known positions, and the
+registry: every loss behind one signature ``loss(embeddings, labels, tuples)``."""
 
 import math
 
@@ -7,15 +8,16 @@ import torch
 from pytorch_metric_learning import losses as pml_losses
 from torch import nn
 
+from retrieval import losses
+from retrieval.config import TrainConfig
 from retrieval.losses import (
-    BATCH_LOSSES,
-    CLASSIFICATION_LOSSES,
-    PAIR_LOSSES,
-    TRIPLET_LOSSES,
+    LOSSES,
     ContrastiveLoss,
+    CrossEntropyLoss,
     InBatchContrastiveLoss,
     SupConLoss,
     TripletLoss,
+    TupleLoss,
     build_loss,
 )
 
@@ -24,25 +26,43 @@ def t(rows: list[list[float]]) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.float32)
 
 
+def pairs(a: torch.Tensor, b: torch.Tensor, same: list[int]):
+    """Pairs (a_k, b_k) in the one signature: rows [a; b], tuples [k, B + k], and labels that
+    are equal exactly where ``same`` is 1."""
+    n = len(a)
+    first = torch.arange(n) * 2
+    second = first + 1 - torch.tensor(same)
+    return (torch.cat([a, b]), torch.cat([first, second]),
+            torch.stack([torch.arange(n), torch.arange(n) + n], dim=1))
+
+
+def triplets(a: torch.Tensor, p: torch.Tensor, n: torch.Tensor):
+    """Triplets (a_k, p_k, n_k): rows [a; p; n], tuples [k, B + k, 2B + k]."""
+    b = len(a)
+    labels = torch.cat([torch.zeros(2 * b, dtype=torch.long), torch.ones(b, dtype=torch.long)])
+    return (torch.cat([a, p, n]), labels,
+            torch.arange(b)[:, None] + b * torch.arange(3)[None, :])
+
+
 # --- ContrastiveLoss --------------------------------------------------------------------------
 
 
 def test_contrastive_similar_pair_at_distance_zero_is_zero():
     a = t([[0.3, -0.2]])
-    loss = ContrastiveLoss(margin=1.0)(a, a.clone(), torch.tensor([1]))
+    loss = ContrastiveLoss(margin=1.0)(*pairs(a, a.clone(), [1]))
     assert loss.item() == 0.0
 
 
 def test_contrastive_dissimilar_pair_at_distance_zero_is_half_margin_squared():
     # N = 1, y = 0, d = 0: L = 1/2 * max(2 - 0, 0)^2 = 2.0
     a = t([[0.3, -0.2]])
-    loss = ContrastiveLoss(margin=2.0)(a, a.clone(), torch.tensor([0]))
+    loss = ContrastiveLoss(margin=2.0)(*pairs(a, a.clone(), [0]))
     assert loss.item() == pytest.approx(2.0, abs=1e-5)
 
 
 def test_contrastive_dissimilar_pair_beyond_margin_is_zero():
     # d = 5 (3-4-5 triangle) > margin 1: hinge is 0
-    loss = ContrastiveLoss(margin=1.0)(t([[0, 0]]), t([[3, 4]]), torch.tensor([0]))
+    loss = ContrastiveLoss(margin=1.0)(*pairs(t([[0, 0]]), t([[3, 4]]), [0]))
     assert loss.item() == 0.0
 
 
@@ -53,34 +73,44 @@ def test_contrastive_hand_computed_batch():
     # L = (25 + 1 + 0) / (2 * 3) = 26 / 6
     loss_fn = ContrastiveLoss(margin=2.0)
     a, b = t([[0, 0], [0, 0], [1, 1]]), t([[3, 4], [1, 0], [1, 4]])
-    same = torch.tensor([1, 0, 0])
-    assert loss_fn(a, b, same).item() == pytest.approx(26 / 6, rel=1e-6)
-    per_pair = loss_fn.per_pair(a, b, same)
+    inputs = pairs(a, b, [1, 0, 0])
+    assert loss_fn(*inputs).item() == pytest.approx(26 / 6, rel=1e-6)
+    per_pair = loss_fn.terms(*inputs)
     assert per_pair.tolist() == pytest.approx([12.5, 0.5, 0.0], rel=1e-6)
     # the training loop's "fraction of active pairs"
     assert (per_pair > 0).float().mean().item() == pytest.approx(2 / 3)
 
 
 def test_contrastive_gradient_finite_at_distance_zero():
-    a = t([[0.5, 0.5], [0.5, 0.5]]).requires_grad_()
-    b = t([[0.5, 0.5], [0.5, 0.5]]).requires_grad_()
-    ContrastiveLoss(margin=1.0)(a, b, torch.tensor([1, 0])).backward()
-    assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+    emb, labels, rows = pairs(t([[0.5, 0.5], [0.5, 0.5]]), t([[0.5, 0.5], [0.5, 0.5]]), [1, 0])
+    emb.requires_grad_()
+    ContrastiveLoss(margin=1.0)(emb, labels, rows).backward()
+    assert torch.isfinite(emb.grad).all()
 
 
 def test_contrastive_gradient_pushes_close_dissimilar_pair_apart():
     # a=(0,0), b=(0.1,0), d = 0.1, L = (m - d)^2 / 2:
     # dL/da = -(m - d) * (a - b) / d = -(0.9) * (-0.1, 0) / 0.1 = (0.9, 0)
-    a = t([[0.0, 0.0]]).requires_grad_()
-    ContrastiveLoss(margin=1.0)(a, t([[0.1, 0.0]]), torch.tensor([0])).backward()
-    assert a.grad[0].tolist() == pytest.approx([0.9, 0.0], rel=1e-4)  # descent moves a away
+    emb, labels, rows = pairs(t([[0.0, 0.0]]), t([[0.1, 0.0]]), [0])
+    emb.requires_grad_()
+    ContrastiveLoss(margin=1.0)(emb, labels, rows).backward()
+    assert emb.grad[0].tolist() == pytest.approx([0.9, 0.0], rel=1e-4)  # descent moves a away
 
 
-def test_contrastive_shape_mismatch_is_value_error():
-    with pytest.raises(ValueError, match="same shape"):
-        ContrastiveLoss()(t([[0, 0]]), t([[0, 0, 0]]), torch.tensor([1]))
-    with pytest.raises(ValueError, match="one flag per pair"):
-        ContrastiveLoss()(t([[0, 0]]), t([[0, 0]]), torch.tensor([1, 0]))
+def test_tuple_losses_reject_the_wrong_inputs():
+    emb, labels = t([[0, 0], [1, 1], [2, 2]]), torch.tensor([0, 0, 1])
+    with pytest.raises(ValueError, match=r"expects tuples of shape \(B, 2\).*found None"):
+        ContrastiveLoss()(emb, labels)
+    with pytest.raises(ValueError, match=r"expects tuples of shape \(B, 3\).*found \(1, 2\)"):
+        TripletLoss()(emb, labels, torch.tensor([[0, 1]]))
+    with pytest.raises(ValueError, match="one label per embedding row"):
+        ContrastiveLoss()(emb, labels[:2], torch.tensor([[0, 1]]))
+
+
+@pytest.mark.parametrize("loss", [InBatchContrastiveLoss(), SupConLoss(), CrossEntropyLoss()])
+def test_batch_losses_reject_tuples(loss):
+    with pytest.raises(ValueError, match="every pair of the batch.*tuples=None"):
+        loss(t([[0, 0], [1, 1]]), torch.tensor([0, 1]), torch.tensor([[0, 1]]))
 
 
 def test_contrastive_training_on_toy_problem_decreases_loss():
@@ -90,7 +120,6 @@ def test_contrastive_training_on_toy_problem_decreases_loss():
     y = torch.cat([torch.zeros(32, dtype=torch.long), torch.ones(32, dtype=torch.long)])
     i = torch.randint(0, 64, (256,), generator=gen)
     j = torch.randint(0, 64, (256,), generator=gen)
-    same = (y[i] == y[j]).long()
     torch.manual_seed(0)
     model = nn.Linear(4, 2)
     loss_fn = ContrastiveLoss(margin=1.0)
@@ -98,7 +127,7 @@ def test_contrastive_training_on_toy_problem_decreases_loss():
     losses = []
     for _ in range(50):
         emb = model(x)  # (64, 2)
-        loss = loss_fn(emb[i], emb[j], same)
+        loss = loss_fn(emb, y, torch.stack([i, j], dim=1))  # pairs as rows into emb
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -142,13 +171,13 @@ def test_triplet_hand_computed():
     a = t([[0, 0], [0, 0]])
     p = t([[1, 0], [0, 2]])
     n = t([[0, 2], [1, 0]])
-    assert loss_fn.per_triplet(a, p, n).tolist() == pytest.approx([0.0, 3.5])
-    assert loss_fn(a, p, n).item() == pytest.approx(1.75)
+    assert loss_fn.terms(*triplets(a, p, n)).tolist() == pytest.approx([0.0, 3.5])
+    assert loss_fn(*triplets(a, p, n)).item() == pytest.approx(1.75)
 
 
 def test_triplet_collapsed_embedding_gives_margin():
     a = t([[1, 1]])
-    assert TripletLoss(margin=0.3)(a, a, a).item() == pytest.approx(0.3)
+    assert TripletLoss(margin=0.3)(*triplets(a, a, a)).item() == pytest.approx(0.3)
 
 
 # --- SupConLoss -------------------------------------------------------------------------------
@@ -192,28 +221,68 @@ def test_supcon_without_positives_or_negatives_is_zero_like_pml():
         loss.backward()  # still attached to the graph
 
 
-# --- build_loss -------------------------------------------------------------------------------
+# --- CrossEntropyLoss ---------------------------------------------------------------------------
 
 
-def test_build_loss_every_name():
-    expected = {
-        "contrastive": ContrastiveLoss,
-        "inbatch_contrastive": InBatchContrastiveLoss,
-        "triplet": TripletLoss,
-        "supcon": SupConLoss,
-        "cross_entropy": nn.CrossEntropyLoss,
+def test_cross_entropy_equals_torch():
+    gen = torch.Generator().manual_seed(4)
+    logits, labels = torch.randn(10, 5, generator=gen), torch.randint(0, 5, (10,), generator=gen)
+    assert torch.equal(CrossEntropyLoss()(logits, labels), nn.CrossEntropyLoss()(logits, labels))
+
+
+# --- the registry ------------------------------------------------------------------------------
+
+
+def test_registry_lists_every_loss_with_its_sampler_and_classifier_need():
+    expected = {  # name: (class, sampler, needs_classifier)
+        "contrastive": (ContrastiveLoss, "pairs", False),
+        "inbatch_contrastive": (InBatchContrastiveLoss, "batches", False),
+        "triplet": (TripletLoss, "triplets", False),
+        "supcon": (SupConLoss, "batches", False),
+        "cross_entropy": (CrossEntropyLoss, "batches", True),
     }
-    names = PAIR_LOSSES + TRIPLET_LOSSES + BATCH_LOSSES + CLASSIFICATION_LOSSES
-    assert sorted(names) == sorted(expected)
-    for name, cls in expected.items():
-        assert isinstance(build_loss(name, margin=0.5, temperature=0.2), cls)
-    assert build_loss("triplet", margin=0.5, temperature=0.2).margin == 0.5
-    assert build_loss("supcon", margin=0.5, temperature=0.2).temperature == 0.2
+    assert list(LOSSES) == list(expected)  # the order error messages list them in
+    for name, (cls, sampler, classifier) in expected.items():
+        spec = LOSSES[name]
+        assert isinstance(build_loss(TrainConfig(loss=name)), cls)
+        assert (spec.sampler, spec.needs_classifier) == (sampler, classifier)
 
 
-def test_build_loss_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="contrastive, triplet.*supcon, cross_entropy"):
-        build_loss("contrastiv", margin=1.0, temperature=0.1)
+def test_build_loss_reads_margin_and_temperature_from_the_train_params():
+    assert build_loss(TrainConfig(loss="triplet", margin=0.5)).margin == 0.5
+    assert build_loss(TrainConfig(loss="contrastive", margin=0.7)).margin == 0.7
+    assert build_loss(TrainConfig(loss="supcon", temperature=0.2)).temperature == 0.2
+    # At collapse (distance 0) each contrastive negative costs margin^2 / 2; half are negatives.
+    assert LOSSES["contrastive"].collapsed_value(TrainConfig(margin=0.6)) == pytest.approx(0.09)
+
+
+def test_an_unknown_loss_names_the_registered_ones():
+    with pytest.raises(ValueError, match="contrastive, inbatch_contrastive, triplet, supcon, "
+                                         "cross_entropy"):
+        losses.loss_spec("contrastiv")
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_every_loss_takes_the_one_signature_and_gives_a_differentiable_scalar(name):
+    # What training feeds each sampler kind: 12 rows of 3 classes; pairs and triplets as rows.
+    spec = LOSSES[name]
+    gen = torch.Generator().manual_seed(5)
+    labels = torch.arange(12) % 3
+    emb = torch.randn(12, 3 if spec.needs_classifier else 4, generator=gen)  # logits: 3 classes
+    if not spec.needs_classifier:
+        emb = nn.functional.normalize(emb, dim=1)
+    tuples = {"pairs": torch.tensor([[0, 3], [1, 2], [4, 5]]),
+              "triplets": torch.tensor([[0, 3, 1], [1, 4, 2]]), "batches": None}[spec.sampler]
+    emb.requires_grad_()
+    loss = spec.build(TrainConfig(loss=name))(emb, labels, tuples)
+    assert loss.shape == () and torch.isfinite(loss)
+    loss.backward()
+    assert emb.grad is not None and torch.isfinite(emb.grad).all()
+    # The tuple losses are the mean of their per-tuple terms (training logs the active share).
+    loss_fn = spec.build(TrainConfig(loss=name))
+    if isinstance(loss_fn, TupleLoss):
+        terms = loss_fn.terms(emb, labels, tuples)
+        assert terms.shape == (len(tuples),) and torch.equal(terms.mean(), loss)
 
 
 @pytest.mark.parametrize("cls", [ContrastiveLoss, InBatchContrastiveLoss, TripletLoss])

@@ -1,8 +1,8 @@
 """Pairs, triplets, class-balanced batches and hard-negative mining for metric learning.
 
 Everything here is a pure function of its arguments: randomness comes from
-``np.random.default_rng([seed, epoch, stream])`` (one fixed stream number per function), so a
-run is reproducible and each epoch draws a new sample; no global random state is touched.
+``rng.sampler(seed, epoch, stream)`` (one named stream per function, see ``retrieval.rng``), so
+a run is reproducible and each epoch draws a new sample; no global random state is touched.
 Indices always point into the ``labels`` array the caller passes (the train split), so nothing
 outside it can leak in. Every sampler returns its rows in random order, ready to be cut into
 minibatches.
@@ -14,6 +14,7 @@ import faiss
 import numpy as np
 
 from retrieval.outputs import UserError
+from retrieval.rng import Stream, sampler
 
 
 class InfeasibleSampleError(UserError):
@@ -34,12 +35,6 @@ _QUERY_CHUNK = 16384
 # path is ~2x slower per query with 100 queries a call than with 1000, and with fewer than
 # 20 it falls back to a loop without BLAS.
 _GROUP_ROWS = 1024
-
-
-def _rng(seed: int, epoch: int, stream: int = 0) -> np.random.Generator:
-    # A separate stream per function keeps, e.g., the shuffle of sample_hard_pairs from
-    # replaying the draws of the sample_pairs call it wraps.
-    return np.random.default_rng([seed, epoch, stream])
 
 
 class _Classes:
@@ -108,7 +103,7 @@ def sample_pairs(labels: np.ndarray, n_pairs: int, seed: int, epoch: int) -> np.
     _check_sampleable(classes)
     if n_pairs < 2:
         raise ValueError(f"n_pairs must be >= 2, found {n_pairs}: increase the number of pairs")
-    rng = _rng(seed, epoch)
+    rng = sampler(seed, epoch, Stream.PAIRS)
     n_pos = n_pairs // 2
     n_neg = n_pairs - n_pos
     size = classes.size
@@ -170,7 +165,8 @@ def sample_hard_pairs(
     hard_pos = pos[np.argsort(-d2[pos], kind="stable")[:n_pos]]
     hard_neg = neg[np.argsort(d2[neg], kind="stable")[: n_pairs - n_pos]]
     keep = np.concatenate([hard_pos, hard_neg])
-    return candidates[keep[_rng(seed, epoch, stream=1).permutation(n_pairs)]]
+    order = sampler(seed, epoch, Stream.HARD_PAIRS_SHUFFLE).permutation(n_pairs)
+    return candidates[keep[order]]
 
 
 def _class_groups(size: np.ndarray, min_rows: int) -> list[tuple[int, int]]:
@@ -315,7 +311,7 @@ def mine_hard_negatives(
     """
     _, indices = nearest_other_class(embeddings, labels, k)  # (N, k)
     n_valid = (indices >= 0).sum(axis=1)  # (N,) >= 1; padding (-1) sits at the end of a row
-    pick = _rng(seed, epoch, stream=2).integers(0, n_valid)
+    pick = sampler(seed, epoch, Stream.HARD_NEGATIVE_PICK).integers(0, n_valid)
     return indices[np.arange(len(indices)), pick]
 
 
@@ -327,7 +323,8 @@ def random_negatives(labels: np.ndarray, seed: int, epoch: int) -> np.ndarray:
             f"expected labels with at least 2 classes, found {len(classes.size)}: "
             "check the train split"
         )
-    return classes.other_class(np.arange(classes.n), _rng(seed, epoch, stream=3))
+    return classes.other_class(np.arange(classes.n),
+                               sampler(seed, epoch, Stream.RANDOM_NEGATIVES))
 
 
 def sample_triplets(labels: np.ndarray, negatives: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -355,7 +352,7 @@ def sample_triplets(labels: np.ndarray, negatives: np.ndarray, seed: int, epoch:
             "expected every negative to be of another class than its anchor, found same-class "
             "negatives: mine on the same labels"
         )
-    rng = _rng(seed, epoch, stream=4)
+    rng = sampler(seed, epoch, Stream.TRIPLETS)
     anchors = np.flatnonzero(classes.size[classes.of] >= 2)
     positives = classes.same_class(anchors, rng)
     triplets = np.stack([anchors, positives, negatives[anchors]], axis=1).astype(np.int64)
@@ -403,7 +400,7 @@ def class_balanced_batches(
             f"{len(usable)} classes have 2 or more images: lower train.batch_size (or raise "
             "train.images_per_class) in params.yaml"
         )
-    rng = _rng(seed, epoch, stream=5)
+    rng = sampler(seed, epoch, Stream.CLASS_BALANCED_BATCHES)
     k = images_per_class
     groups: list[list[np.ndarray]] = []  # groups[u] = the K-image groups of class usable[u]
     for c in usable:

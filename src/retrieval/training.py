@@ -1,12 +1,13 @@
 """The training loop, readable top to bottom (nanoGPT-style): ``fit`` runs the epochs.
 
-What an epoch is depends on the loss:
-    contrastive          a fresh balanced set of pairs (half same-class), resampled each epoch
-    triplet              one triplet per anchor; the negative is mined among the anchor's top-k
-                         nearest other-class neighbours under the current model (or random)
-    inbatch_contrastive  class-balanced batches (P classes x K images), every pair in a batch
-    supcon               the same batches, supervised NT-Xent with a temperature
-    cross_entropy        the same batches, a linear classifier on the head output (baseline)
+What an epoch is depends on the sampler the loss's ``losses.LOSSES`` entry names:
+    pairs     a fresh balanced set of pairs (half same-class), resampled each epoch, optionally
+              the hardest of a larger pool (train.hard_pairs)
+    triplets  one triplet per anchor; the negative is mined among the anchor's top-k nearest
+              other-class neighbours under the current model (or random)
+    batches   class-balanced batches (P classes x K images); the loss sees the whole batch
+A loss that needs a classifier sees the logits of a linear classifier on the head output,
+every other loss the L2-normalised embeddings.
 
 Where the inputs come from is the Encoder's business: ``FrozenEncoder`` trains the head on
 backbone features computed once (train_frozen); ``ImageEncoder`` runs the whole network on
@@ -32,15 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from retrieval import losses, metrics, models, outputs, runtime, sampling, transforms
+from retrieval import losses, metrics, models, outputs, rng, runtime, sampling, transforms
 from retrieval.cache import ImageCache
 from retrieval.config import AugmentConfig, TrainConfig
 from retrieval.embed import run_batched
 from retrieval.models import EmbeddingNet
 from retrieval.outputs import UserError, atomic_path
-
-# Fixed "epochs" for the sampler so validation and train-metric pairs never change.
-_VAL_EPOCH, _TRAIN_EVAL_EPOCH = 1_000_000, 1_000_001
 
 
 class NonFiniteLossError(UserError):
@@ -206,17 +204,10 @@ class ImageEncoder:
 
 @dataclass
 class EpochWork:
-    kind: str  # "pairs" | "triplets" | "batches"
-    items: list[np.ndarray]  # per step: global indices (pairs: (B, 3), triplets: (B, 3), ...)
+    kind: losses.Sampler  # "pairs" | "triplets" | "batches"
+    # per step, global indices: pairs (B, 3) [i, j, same], triplets (B, 3) [a, p, n], batches (B,)
+    items: list[np.ndarray]
     mined_distances: np.ndarray = field(default_factory=lambda: np.zeros(0))
-
-
-def loss_kind(loss_name: str) -> str:
-    if loss_name in losses.PAIR_LOSSES:
-        return "pairs"
-    if loss_name in losses.TRIPLET_LOSSES:
-        return "triplets"
-    return "batches"
 
 
 def _chunks(rows: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -227,7 +218,7 @@ def epoch_work(cfg: TrainConfig, train_idx: np.ndarray, labels: np.ndarray, seed
                epoch: int, embed_train: Callable[[], np.ndarray], batch_size: int) -> EpochWork:
     """This epoch's pairs/triplets/batches, as global indices; deterministic per (seed, epoch)."""
     train_labels = labels[train_idx]
-    kind = loss_kind(cfg.loss)
+    kind = losses.loss_spec(cfg.loss).sampler
     if kind == "pairs":
         if cfg.hard_pairs:
             rows = sampling.sample_hard_pairs(embed_train(), train_labels, cfg.pairs_per_epoch,
@@ -261,6 +252,19 @@ class StepStats:
     positive_distances: list[np.ndarray] = field(default_factory=list)
     negative_distances: list[np.ndarray] = field(default_factory=list)
 
+    def record_tuples(self, out: torch.Tensor, labels: torch.Tensor, tuples: torch.Tensor,
+                      terms: torch.Tensor | None) -> None:
+        """Distances from each tuple's first row to the others, split by same/other class, and
+        the fraction of active (> 0) per-tuple loss terms."""
+        anchor = out[tuples[:, 0]]
+        for k in range(1, tuples.shape[1]):
+            distance = (anchor - out[tuples[:, k]]).norm(dim=1).detach().cpu().numpy()
+            same = (labels[tuples[:, 0]] == labels[tuples[:, k]]).cpu().numpy()
+            self.positive_distances.append(distance[same])
+            self.negative_distances.append(distance[~same])
+        if terms is not None:
+            self.active.append(float((terms > 0).float().mean()))
+
     def summary(self) -> dict[str, float]:
         pos = np.concatenate(self.positive_distances) if self.positive_distances else np.zeros(1)
         neg = np.concatenate(self.negative_distances) if self.negative_distances else np.zeros(1)
@@ -270,32 +274,38 @@ class StepStats:
                 "mean_negative_distance": float(neg.mean())}
 
 
-def train_step_loss(kind: str, loss_fn: nn.Module, net: EmbeddingNet, project: Callable,
-                    item: np.ndarray, labels: np.ndarray, stats: StepStats) -> torch.Tensor:
-    """Forward one step's inputs (all images in one batch, for BatchNorm) and return the loss."""
-    if kind == "pairs":
-        z = F.normalize(project(np.concatenate([item[:, 0], item[:, 1]])), dim=1)  # (2B, D)
-        a, b = z.chunk(2)
-        same = torch.as_tensor(item[:, 2], dtype=torch.float32, device=z.device)
-        terms = loss_fn.per_pair(a, b, same)
-        distance = (a - b).norm(dim=1).detach().cpu().numpy()
-        stats.positive_distances.append(distance[item[:, 2] == 1])
-        stats.negative_distances.append(distance[item[:, 2] == 0])
-        stats.active.append(float((terms > 0).float().mean()))
-        return terms.mean()
-    if kind == "triplets":
-        z = F.normalize(project(item.T.reshape(-1)), dim=1)  # (3B, D)
-        a, p, n = z.chunk(3)
-        terms = loss_fn.per_triplet(a, p, n)
-        stats.positive_distances.append((a - p).norm(dim=1).detach().cpu().numpy())
-        stats.negative_distances.append((a - n).norm(dim=1).detach().cpu().numpy())
-        stats.active.append(float((terms > 0).float().mean()))
-        return terms.mean()
-    z = project(item)  # (B, D)
-    y = torch.as_tensor(labels[item], device=z.device)
-    if isinstance(loss_fn, nn.CrossEntropyLoss):
-        return loss_fn(net.classifier(z), y)
-    return loss_fn(F.normalize(z, dim=1), y)
+def step_inputs(kind: losses.Sampler,
+                item: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """The images one step embeds, all in one batch (for BatchNorm), and the tuples of rows into
+    them that the loss takes: pairs (B, 3) ``[i, j, same]`` embed ``[i..., j...]`` with tuples
+    ``[k, B + k]``; triplets (B, 3) embed ``[a..., p..., n...]`` with ``[k, B + k, 2B + k]``;
+    a batch (B,) embeds itself, no tuples."""
+    if kind == "batches":
+        return item, None
+    columns = item[:, :2] if kind == "pairs" else item  # the same flag is not an image
+    b, width = columns.shape
+    return columns.T.reshape(-1), np.arange(b)[:, None] + b * np.arange(width)
+
+
+def loss_inputs(spec: losses.LossSpec, net: EmbeddingNet, z: torch.Tensor) -> torch.Tensor:
+    """What the loss sees of the head output z (M, D): class logits (M, C) or unit vectors."""
+    return net.classifier(z) if spec.needs_classifier else F.normalize(z, dim=1)
+
+
+def train_step_loss(spec: losses.LossSpec, loss_fn: nn.Module, net: EmbeddingNet,
+                    project: Callable, item: np.ndarray, labels: np.ndarray,
+                    stats: StepStats) -> torch.Tensor:
+    """Forward one step's inputs and return the loss (per-tuple diagnostics go to ``stats``)."""
+    indices, tuples = step_inputs(spec.sampler, item)
+    z = project(indices)  # (M, D), not normalised
+    out = loss_inputs(spec, net, z)
+    y = torch.as_tensor(labels[indices], device=z.device)
+    if tuples is None:
+        return loss_fn(out, y)
+    rows = torch.as_tensor(tuples, device=z.device)
+    terms = loss_fn.terms(out, y, rows) if isinstance(loss_fn, losses.TupleLoss) else None
+    stats.record_tuples(out, y, rows, terms)
+    return terms.mean() if terms is not None else loss_fn(out, y, rows)
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -314,7 +324,7 @@ class EvalPairs:
             rows = sampling.sample_pairs(labels[idx], n, seed, epoch)
             return np.column_stack([idx[rows[:, 0]], idx[rows[:, 1]], rows[:, 2]])
 
-        return cls(pairs(val_idx, _VAL_EPOCH), pairs(train_idx, _TRAIN_EVAL_EPOCH))
+        return cls(pairs(val_idx, rng.VAL_EPOCH), pairs(train_idx, rng.TRAIN_EVAL_EPOCH))
 
 
 def pair_distances(z: dict[int, np.ndarray], pairs: np.ndarray) -> np.ndarray:
@@ -325,26 +335,33 @@ def pair_distances(z: dict[int, np.ndarray], pairs: np.ndarray) -> np.ndarray:
     return np.linalg.norm(a - b, axis=1)
 
 
-def validation_loss(kind: str, loss_fn: nn.Module, net: EmbeddingNet, z_val: np.ndarray,
-                    val_idx: np.ndarray, labels: np.ndarray, cfg: TrainConfig, seed: int,
+def validation_loss(spec: losses.LossSpec, loss_fn: nn.Module, net: EmbeddingNet,
+                    z_val: np.ndarray, val_idx: np.ndarray, labels: np.ndarray, seed: int,
                     val_pairs: np.ndarray, position: dict[int, int]) -> float:
     """The training loss on fixed validation inputs built the way training builds them."""
-    z = torch.from_numpy(z_val)
+    val_labels = labels[val_idx]
+    if spec.sampler == "pairs":  # the fixed validation pairs, as positions in z_val
+        rows = np.column_stack([[position[i] for i in val_pairs[:, 0]],
+                                [position[j] for j in val_pairs[:, 1]], val_pairs[:, 2]])
+        indices, tuples = step_inputs("pairs", rows)
+    elif spec.sampler == "triplets":  # fixed random triplets of the val split
+        negatives = sampling.random_negatives(val_labels, seed, rng.VAL_EPOCH)
+        indices = np.arange(len(val_idx))
+        tuples = sampling.sample_triplets(val_labels, negatives, seed, rng.VAL_EPOCH)
+    else:  # the whole val split as one batch
+        indices, tuples = np.arange(len(val_idx)), None
+    z = torch.from_numpy(z_val)[indices]
     with torch.no_grad():
-        if kind == "pairs":
-            a = F.normalize(z[[position[i] for i in val_pairs[:, 0]]], dim=1)
-            b = F.normalize(z[[position[j] for j in val_pairs[:, 1]]], dim=1)
-            return float(loss_fn(a, b, torch.as_tensor(val_pairs[:, 2], dtype=torch.float32)))
-        val_labels = labels[val_idx]
-        if kind == "triplets":
-            negatives = sampling.random_negatives(val_labels, seed, _VAL_EPOCH)
-            rows = sampling.sample_triplets(val_labels, negatives, seed, _VAL_EPOCH)
-            e = F.normalize(z, dim=1)
-            return float(loss_fn(e[rows[:, 0]], e[rows[:, 1]], e[rows[:, 2]]))
-        y = torch.as_tensor(val_labels)
-        if isinstance(loss_fn, nn.CrossEntropyLoss):
-            return float(loss_fn(net.classifier.cpu()(z), y)) if net.classifier else math.nan
-        return float(loss_fn(F.normalize(z, dim=1), y))
+        if spec.needs_classifier:
+            if net.classifier is None:
+                return math.nan
+            # On the classifier's device, without moving it (training continues there).
+            device = next(net.classifier.parameters()).device
+            out = net.classifier(z.to(device)).cpu()
+        else:
+            out = F.normalize(z, dim=1)
+        y = torch.as_tensor(val_labels[indices])
+        return float(loss_fn(out, y, None if tuples is None else torch.from_numpy(tuples)))
 
 
 def pair_metrics(distances: np.ndarray, same: np.ndarray, threshold: float) -> dict[str, float]:
@@ -380,6 +397,35 @@ def load_resume_state(path: Path, expected_fingerprint: str) -> dict | None:
 
 # --- the loop --------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ResumeSpec:
+    """Where ``fit`` keeps its end-of-epoch resume state, and what identifies the run: a state
+    file with another fingerprint (other params or data) is ignored, never resumed."""
+
+    path: Path
+    fingerprint: str
+
+
+@dataclass
+class Best:
+    """The best epoch so far by validation loss; epoch 0 is the model before this stage."""
+
+    loss: float = math.inf
+    epoch: int = 0
+    threshold: float = 1.0  # chosen on validation at that epoch
+    state: dict[str, torch.Tensor] | None = None  # a snapshot (may leave out a frozen trunk)
+    row: dict = field(default_factory=dict)  # its history row; {} for epoch 0
+
+    def to_state(self) -> dict:
+        """Plain types for the resume file (loaded with weights_only=True: no dataclasses)."""
+        return {"loss": self.loss, "epoch": self.epoch, "threshold": self.threshold,
+                "state": self.state, "row": self.row}
+
+    @classmethod
+    def from_state(cls, state: dict) -> Best:
+        return cls(**state)
+
+
 @dataclass
 class FitResult:
     history: pd.DataFrame
@@ -394,12 +440,18 @@ class FitResult:
 
 
 def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
-        optimizer: torch.optim.Optimizer, train_idx: np.ndarray, val_idx: np.ndarray,
-        labels: np.ndarray, cfg: TrainConfig, epochs: int, seed: int, resume_path: Path,
-        run_fingerprint: str, on_epoch: Callable[[int, dict], None] | None = None,
+        optimizer: torch.optim.Optimizer, data: TrainingData, cfg: TrainConfig, *,
+        epochs: int, seed: int, resume: ResumeSpec | None = None,
+        on_epoch: Callable[[int, dict], None] | None = None,
         save_best: Callable[[dict, int, dict], None] | None = None) -> FitResult:
-    loss_fn = losses.build_loss(cfg.loss, cfg.margin, cfg.temperature)
-    kind = loss_kind(cfg.loss)
+    """Train ``net`` through ``encoder`` on ``data``'s train split for up to ``epochs``, keeping
+    the weights with the lowest validation loss. ``resume``: continue from (and write) the
+    state of the last finished epoch; ``None`` keeps none. ``on_epoch(epoch, row)`` sees each
+    history row; ``save_best(state, epoch, row)`` gets the best weights if training stops on a
+    non-finite value."""
+    train_idx, val_idx, labels = data.train_idx, data.val_idx, data.labels
+    spec = losses.loss_spec(cfg.loss)
+    loss_fn = spec.build(cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
     eval_pairs = EvalPairs.build(train_idx, val_idx, labels, cfg.val_pairs, seed)
@@ -408,23 +460,23 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
     batch_size = cfg.batch_size
 
     history: list[dict] = []
-    best = {"loss": math.inf, "epoch": 0, "state": None, "threshold": 1.0}
+    best = Best()
     snapshot = _snapshot_function(net)
     bad_epochs, start_epoch, images_seen, seconds = 0, 1, 0, 0.0
-    resumed = load_resume_state(resume_path, run_fingerprint)
+    resumed = load_resume_state(resume.path, resume.fingerprint) if resume else None
     if resumed is not None:
         _load_snapshot(net, resumed["model"])
         optimizer.load_state_dict(resumed["optimizer"])
         scheduler.load_state_dict(resumed["scheduler"])
-        history, best = resumed["history"], resumed["best"]
+        history, best = resumed["history"], Best.from_state(resumed["best"])
         bad_epochs, images_seen = resumed["bad_epochs"], resumed["images_seen"]
         seconds, start_epoch = resumed["seconds"], resumed["epoch"] + 1
-        print(f"resuming from the checkpoint of epoch {resumed['epoch']} ({resume_path})")
+        print(f"resuming from the checkpoint of epoch {resumed['epoch']} ({resume.path})")
 
     def stop(message: str) -> NonFiniteLossError:
         """A non-finite value ends training: the best weights so far go to disk first."""
-        if save_best is not None and best["state"] is not None and runtime.is_main_process():
-            save_best(_full_state(net, best), best["epoch"], best.get("row", {}))
+        if save_best is not None and best.state is not None and runtime.is_main_process():
+            save_best(_full_state(net, best), best.epoch, best.row)
         return NonFiniteLossError(message)
 
     def validate() -> dict[str, float]:
@@ -433,8 +485,8 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         if not np.isfinite(z_val).all():
             raise stop(
                 "non-finite (NaN/inf) embeddings: lower lr or check the input data; the "
-                f"best checkpoint so far (epoch {best['epoch']}) is kept")
-        val_loss = validation_loss(kind, loss_fn, net, z_val, val_idx, labels, cfg, seed,
+                f"best checkpoint so far (epoch {best.epoch}) is kept")
+        val_loss = validation_loss(spec, loss_fn, net, z_val, val_idx, labels, seed,
                                    eval_pairs.val, val_position)
         val_d = pair_distances(dict(zip(val_idx.tolist(), z_val, strict=True)), eval_pairs.val)
         threshold = metrics.choose_threshold(val_d, eval_pairs.val[:, 2],
@@ -452,8 +504,7 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
     if not history:  # epoch 0: the model before this stage trains; also the first "best"
         row = {"epoch": 0, **validate(), "lr": optimizer.param_groups[0]["lr"]}
         history.append(row)
-        best = {"loss": row["val_loss"], "epoch": 0, "threshold": row["threshold"],
-                "state": snapshot()}
+        best = Best(row["val_loss"], 0, row["threshold"], snapshot())
 
     stopped = "epochs"
     progress = tqdm(range(start_epoch, epochs + 1), desc="epochs", unit="epoch",
@@ -465,7 +516,7 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         started = time.perf_counter()
         # Dropout and augmentation draw from torch's RNG: seed it per epoch so a resumed run
         # continues exactly like an uninterrupted one.
-        torch.manual_seed(seed * 100_003 + epoch)
+        torch.manual_seed(rng.torch_epoch_seed(seed, epoch))
         encoder.set_train(False)
         work = epoch_work(cfg, train_idx, labels, seed, epoch,  # miners see normalised vectors
                           lambda: _normalized(encoder.eval_project(train_idx)), batch_size)
@@ -476,12 +527,12 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         stats = StepStats()
         for item in tqdm(items, desc=f"epoch {epoch}", unit="step", leave=False,
                          disable=not runtime.is_main_process()):
-            loss = train_step_loss(kind, loss_fn, net, encoder.project, item, labels, stats)
+            loss = train_step_loss(spec, loss_fn, net, encoder.project, item, labels, stats)
             if not torch.isfinite(loss):
                 raise stop(
                     f"non-finite training loss ({loss.item()}) at epoch {epoch}: lower lr "
                     f"(now {optimizer.param_groups[0]['lr']:g}) or check the data; the best "
-                    f"checkpoint so far (epoch {best['epoch']}) is kept")
+                    f"checkpoint so far (epoch {best.epoch}) is kept")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -493,7 +544,7 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         lr_now = optimizer.param_groups[0]["lr"]
         row = {"epoch": epoch, **stats.summary(), **validate(), "lr": lr_now,
                "epoch_seconds": time.perf_counter() - started}
-        row.update(_collapse_diagnostics(row["mean_val_pairwise_distance"], stats, cfg))
+        row.update(_collapse_diagnostics(row["mean_val_pairwise_distance"], stats, spec, cfg))
         val_loss, threshold = row["val_loss"], row["threshold"]
         if len(work.mined_distances):
             for q in (10, 50, 90):
@@ -501,15 +552,14 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
                     np.percentile(work.mined_distances, q))
         if not math.isfinite(val_loss):
             raise stop(f"non-finite validation loss at epoch {epoch}: lower lr; "
-                       f"the best checkpoint (epoch {best['epoch']}) is kept")
+                       f"the best checkpoint (epoch {best.epoch}) is kept")
         history.append(row)
         seconds += train_seconds
 
-        if val_loss < best["loss"] - 1e-6:
-            best = {"loss": val_loss, "epoch": epoch, "threshold": threshold,
-                    "state": snapshot(), "row": row}
+        if val_loss < best.loss - 1e-6:
+            best = Best(val_loss, epoch, threshold, snapshot(), row)
             bad_epochs = 0
-        elif best["epoch"] > 0:
+        elif best.epoch > 0:
             # Patience starts once training has beaten the model it started from: fine-tuning
             # a trunk first gets worse (Caltech-101 from scratch: val accuracy 0.77 -> 0.68 ->
             # back above 0.77 by epoch 7), and stopping in that dip returns the start model.
@@ -522,19 +572,19 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
                        f"{row['mean_val_pairwise_distance']:.3g}); consider a lower lr")
         progress.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{val_loss:.4f}",
                              acc=f"{row['val_accuracy']:.3f}")
-        if runtime.is_main_process():
-            save_resume_state(resume_path, {
-                "fingerprint": run_fingerprint, "epoch": epoch,
+        if resume is not None and runtime.is_main_process():
+            save_resume_state(resume.path, {
+                "fingerprint": resume.fingerprint, "epoch": epoch,
                 "model": snapshot(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "history": history, "best": best, "bad_epochs": bad_epochs,
+                "history": history, "best": best.to_state(), "bad_epochs": bad_epochs,
                 "images_seen": images_seen, "seconds": seconds})
         runtime.barrier()
 
-    if runtime.is_main_process():
-        resume_path.unlink(missing_ok=True)  # finished: a re-run trains afresh
-    return FitResult(pd.DataFrame(history), best["epoch"], best["loss"], _full_state(net, best),
-                     best["threshold"], stopped, seconds, images_seen,
+    if resume is not None and runtime.is_main_process():
+        resume.path.unlink(missing_ok=True)  # finished: a re-run trains afresh
+    return FitResult(pd.DataFrame(history), best.epoch, best.loss, _full_state(net, best),
+                     best.threshold, stopped, seconds, images_seen,
                      resumed["epoch"] if resumed else 0)
 
 
@@ -554,9 +604,9 @@ def _load_snapshot(net: nn.Module, state: dict[str, torch.Tensor]) -> None:
                            f"unexpected {unexpected[:3]}")
 
 
-def _full_state(net: nn.Module, best: dict) -> dict[str, torch.Tensor]:
+def _full_state(net: nn.Module, best: Best) -> dict[str, torch.Tensor]:
     """The best weights as a whole state_dict (a snapshot may leave out the frozen trunk)."""
-    return {**{k: v.detach().cpu() for k, v in net.state_dict().items()}, **best["state"]}
+    return {**{k: v.detach().cpu() for k, v in net.state_dict().items()}, **best.state}
 
 
 def _normalized(z: np.ndarray) -> np.ndarray:
@@ -570,10 +620,10 @@ def _mean_pairwise_distance(z: np.ndarray) -> float:
     return float(np.sqrt(2 * (centred**2).sum(axis=1).mean()))
 
 
-def _collapse_diagnostics(mean_pairwise: float, stats: StepStats,
+def _collapse_diagnostics(mean_pairwise: float, stats: StepStats, spec: losses.LossSpec,
                           cfg: TrainConfig) -> dict[str, float]:
     """Collapse alarm: all embeddings at one point, or the loss pinned at its collapsed value."""
-    collapsed_loss = cfg.margin**2 / 4 if cfg.loss == "contrastive" else math.nan
+    collapsed_loss = spec.collapsed_value(cfg) if spec.collapsed_value else math.nan
     stuck = math.isfinite(collapsed_loss) and abs(np.mean(stats.losses) - collapsed_loss) < 1e-4
     return {"collapse_alarm": float(mean_pairwise < 0.05 or stuck)}
 
@@ -608,6 +658,11 @@ class TrainingData:
         split = table["split"].to_numpy()
         return cls(labels, classes, np.flatnonzero(split == "train"),
                    np.flatnonzero(split == "val"))
+
+
+def classifier_classes(cfg: TrainConfig, data: TrainingData) -> int:
+    """``EmbeddingNet``'s ``num_classes`` for this loss: the class count, or 0 (no classifier)."""
+    return len(data.classes) if losses.loss_spec(cfg.loss).needs_classifier else 0
 
 
 def feature_cache_key(net: EmbeddingNet, images: ImageCache, indices: np.ndarray,

@@ -288,7 +288,6 @@ def test_batches_that_need_more_classes_than_exist_are_a_user_error():
     ({"train": {"batch_size": -8}}, "train.batch_size (-8) must be >= 2"),
     ({"train": {"margin": 0}}, "train.margin (0.0) must be > 0"),
     ({"train": {"margin": -0.5}}, "train.margin (-0.5) must be > 0"),
-    ({"train": {"loss": "arcface"}}, "train.loss is 'arcface', expected one of"),
     ({"model": {"pooling": "sum"}}, "model.pooling is 'sum', expected one of"),
     ({"train_frozen": {"epochs": 0}}, "train_frozen.epochs must be >= 1"),
     ({"model": {"backbone": "cifar_resnet", "weights": "imagenet"}},
