@@ -142,6 +142,7 @@ class TrainConfig:
     pairs_per_epoch: int = 1000
     hard_pairs: bool = False
     negatives: Literal["hard", "random"] = "hard"
+    triplets_per_epoch: int = 0  # 0: one triplet per train image; else a seeded sample
     mining_k: int = 30
     images_per_class: int = 4
     batch_size: int = 32
@@ -161,6 +162,8 @@ class TrainConfig:
         _check(self.temperature > 0, f"{key}.temperature", "must be > 0")
         _check(self.pairs_per_epoch >= 2, f"{key}.pairs_per_epoch", "must be >= 2")
         _check(self.mining_k >= 1, f"{key}.mining_k", "must be >= 1")
+        _check(self.triplets_per_epoch >= 0, f"{key}.triplets_per_epoch",
+               "must be >= 0 (0: one triplet per train image)")
         _check(self.batch_size >= 2, f"{key}.batch_size", f"({self.batch_size}) must be >= 2")
         _check(self.images_per_class >= 2, f"{key}.images_per_class", "must be >= 2")
         _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")

@@ -3,7 +3,8 @@
 What an epoch is depends on the sampler the loss's ``losses.LOSSES`` entry names:
     pairs     a fresh balanced set of pairs (half same-class), resampled each epoch, optionally
               the hardest of a larger pool (train.hard_pairs)
-    triplets  one triplet per anchor; the negative is mined among the anchor's top-k nearest
+    triplets  one triplet per anchor (or a seeded train.triplets_per_epoch of them); the
+              negative is mined among the anchor's top-k nearest
               other-class neighbours under the current model (or random)
     batches   class-balanced batches (P classes x K images); the loss sees the whole batch
 A loss that needs a classifier sees the logits of a linear classifier on the head output,
@@ -237,6 +238,8 @@ def epoch_work(cfg: TrainConfig, train_idx: np.ndarray, labels: np.ndarray, seed
         else:
             negatives = sampling.random_negatives(train_labels, seed, epoch)
         rows = train_idx[sampling.sample_triplets(train_labels, negatives, seed, epoch)]
+        if cfg.triplets_per_epoch:  # the triplets come shuffled: the first ones are a sample
+            rows = rows[:cfg.triplets_per_epoch]
         return EpochWork(kind, _chunks(rows, max(1, batch_size // 3)), mined)
     batches = sampling.class_balanced_batches(train_labels, batch_size, cfg.images_per_class,
                                               seed, epoch)
