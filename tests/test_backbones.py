@@ -79,7 +79,8 @@ def test_lite0_weights_load_by_name_or_by_order_and_wrong_shapes_are_refused(tmp
     with pytest.raises(UserError, match=r"does not hold efficientnet_lite0 weights .*shape"):
         models.EmbeddingNet(ModelConfig(backbone="efficientnet_lite0",
                                         weights=str(tmp_path / "wrong.pt")))
-    torch.save(models.EmbeddingNet(ModelConfig(backbone="resnet18")).trunk.state_dict(),
+    torch.save(models.EmbeddingNet(ModelConfig(weights="none",
+                                               backbone="resnet18")).trunk.state_dict(),
                tmp_path / "resnet.pt")
     with pytest.raises(UserError, match="does not hold efficientnet_lite0 weights"):
         models.EmbeddingNet(ModelConfig(backbone="efficientnet_lite0",
@@ -126,7 +127,7 @@ def batchnorm_modes(net: models.EmbeddingNet) -> dict[str, set[bool]]:
 
 
 def test_frozen_stages_keep_their_batchnorm_statistics_in_train_mode():
-    net = models.EmbeddingNet(ModelConfig(backbone="resnet18"))
+    net = models.EmbeddingNet(ModelConfig(weights="none", backbone="resnet18"))
     models.set_trunk_trainable(net, "layer3")
     net.train()
     modes = batchnorm_modes(net)
@@ -151,4 +152,4 @@ def test_batchnorm_frozen_keeps_every_trunk_statistic_but_trains_the_weights():
 
 def test_an_unknown_backbone_is_refused_by_name_from_the_registry():
     with pytest.raises(UserError, match=r"model.backbone \('resnet34'\) must be one of \["):
-        models.EmbeddingNet(ModelConfig(backbone="resnet34"))
+        models.EmbeddingNet(ModelConfig(weights="none", backbone="resnet34"))

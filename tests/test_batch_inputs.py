@@ -97,7 +97,8 @@ def test_image_encoder_inputs_are_channels_last_float(enabled):
     from retrieval.cache import ImageCache
 
     images = ImageCache(random_images(6, 37).numpy())
-    net = models.EmbeddingNet(config.ModelConfig(backbone="cifar_resnet", cifar_n=1))
+    net = models.EmbeddingNet(config.ModelConfig(weights="none",
+                                                 backbone="cifar_resnet", cifar_n=1))
     encoder = training.ImageEncoder(net, images, 32, AugmentConfig(enabled=enabled), CPU,
                                     "fp32")
     x = encoder.inputs([0, 2, 5])

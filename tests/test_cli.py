@@ -26,7 +26,8 @@ def workspace(tmp_path_factory):
     """A tiny checkpoint, a few Pillow images and a gallery index of them."""
     root = tmp_path_factory.mktemp("cli")
     torch.manual_seed(0)
-    net = models.EmbeddingNet(ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=16,
+    net = models.EmbeddingNet(ModelConfig(weights="none",
+                                          backbone="cifar_resnet", cifar_n=1, hidden_dim=16,
                                           embedding_dim=8)).eval()
     models.save_checkpoint(root / "model.pt", net, {"threshold": 0.5, "classes": list(SHAPES),
                                                     "image_size": IMAGE_SIZE, "stage": "test"})
@@ -144,7 +145,8 @@ def test_search_warns_when_the_index_was_built_with_another_model(workspace, cap
                                                                   tmp_path):
     other = tmp_path / "other.pt"
     torch.manual_seed(1)  # same architecture, other weights
-    net = models.EmbeddingNet(ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=16,
+    net = models.EmbeddingNet(ModelConfig(weights="none",
+                                          backbone="cifar_resnet", cifar_n=1, hidden_dim=16,
                                           embedding_dim=8))
     models.save_checkpoint(other, net, {"threshold": 0.5, "image_size": IMAGE_SIZE})
     code, _, err = call(["search", workspace.files["red_square_0"], "--model", other,

@@ -201,7 +201,8 @@ def test_query_gallery_lists():
 @pytest.fixture(scope="module")
 def tiny_nets():
     torch.manual_seed(0)
-    config = ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=16, embedding_dim=8)
+    config = ModelConfig(weights="none",
+                         backbone="cifar_resnet", cifar_n=1, hidden_dim=16, embedding_dim=8)
     return models.EmbeddingNet(config).eval(), models.EmbeddingNet(config).eval()
 
 

@@ -10,7 +10,8 @@ from retrieval import models
 from retrieval.config import ModelConfig
 from retrieval.outputs import UserError
 
-TINY = ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=16, embedding_dim=8)
+TINY = ModelConfig(weights="none",
+                   backbone="cifar_resnet", cifar_n=1, hidden_dim=16, embedding_dim=8)
 
 
 def test_embeddings_are_unit_length_with_the_configured_dimension():
@@ -23,7 +24,8 @@ def test_embeddings_are_unit_length_with_the_configured_dimension():
 
 @pytest.mark.parametrize("n", [1, 3])
 def test_cifar_resnet_has_6n_plus_2_weight_layers(n):
-    net = models.EmbeddingNet(ModelConfig(backbone="cifar_resnet", cifar_n=n, head="none"))
+    net = models.EmbeddingNet(ModelConfig(weights="none",
+                                          backbone="cifar_resnet", cifar_n=n, head="none"))
     convs = [m for m in net.trunk.modules() if isinstance(m, torch.nn.Conv2d)]
     # 1 stem conv + 3 groups x n blocks x 2 convs; the classifier layer makes 6n+2.
     assert len(convs) + 1 == 6 * n + 2
@@ -31,7 +33,7 @@ def test_cifar_resnet_has_6n_plus_2_weight_layers(n):
 
 
 def test_resnet50_head_is_2048_512_128():
-    net = models.EmbeddingNet(ModelConfig(backbone="resnet50"))
+    net = models.EmbeddingNet(ModelConfig(weights="none", backbone="resnet50"))
     linears = [m for m in net.head.modules() if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(2048, 512), (512, 128)]
     assert net.target_layer is dict(net.trunk.named_children())["layer4"]
@@ -48,7 +50,8 @@ def test_gem_interpolates_between_average_and_max():
 @pytest.mark.parametrize("pooling", ["avg", "max", "gem"])
 def test_frozen_split_recomposes_the_full_network(pooling):
     torch.manual_seed(0)
-    net = models.EmbeddingNet(ModelConfig(backbone="cifar_resnet", cifar_n=1, pooling=pooling,
+    net = models.EmbeddingNet(ModelConfig(weights="none",
+                                          backbone="cifar_resnet", cifar_n=1, pooling=pooling,
                                           hidden_dim=16, embedding_dim=8)).eval()
     x = torch.randn(4, 3, 32, 32)
     with torch.no_grad():
@@ -80,7 +83,8 @@ def test_missing_or_wrong_weights_files_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         models.EmbeddingNet(ModelConfig(backbone="resnet18", weights=str(tmp_path / "no.pt")))
     wrong = tmp_path / "resnet50.pt"
-    torch.save(models.EmbeddingNet(ModelConfig(backbone="cifar_resnet")).trunk.state_dict(),
+    torch.save(models.EmbeddingNet(ModelConfig(weights="none",
+                                               backbone="cifar_resnet")).trunk.state_dict(),
                wrong)
     with pytest.raises(UserError, match="does not hold resnet18 weights"):
         models.EmbeddingNet(ModelConfig(backbone="resnet18", weights=str(wrong)))
@@ -97,7 +101,7 @@ def test_local_state_dict_weights_are_loaded(tmp_path):
 
 
 def test_unfreeze_from_freezes_earlier_stages():
-    net = models.EmbeddingNet(ModelConfig(backbone="resnet18"))
+    net = models.EmbeddingNet(ModelConfig(weights="none", backbone="resnet18"))
     models.set_trunk_trainable(net, "layer3")
     trainable = {name for name, m in net.backbone_stages()
                  if any(p.requires_grad for p in m.parameters())}

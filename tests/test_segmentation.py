@@ -32,7 +32,8 @@ def _seeded():
 
 
 def tiny_net(num_classes: int = 0) -> models.EmbeddingNet:
-    config = ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=16, embedding_dim=8)
+    config = ModelConfig(weights="none",
+                         backbone="cifar_resnet", cifar_n=1, hidden_dim=16, embedding_dim=8)
     return models.EmbeddingNet(config, num_classes).eval()
 
 

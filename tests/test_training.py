@@ -40,7 +40,7 @@ def frozen_problem(loss: str = "contrastive", n: int = 160, seed: int = 0, **mod
     spread of the class centres): separable, but not before the head learns."""
     torch.manual_seed(seed)
     spec = losses.LOSSES[loss]
-    net = models.EmbeddingNet(config.ModelConfig(**{**SMALL, **model}),
+    net = models.EmbeddingNet(config.ModelConfig(weights="none", **{**SMALL, **model}),
                               num_classes=4 if spec.needs_classifier else 0)
     net.trunk.requires_grad_(False)
     labels, train_idx, val_idx = split(n, seed)
@@ -72,7 +72,7 @@ def fit_frozen(tmp_path, loss="contrastive", epochs=3, resume_name="r.pt", lr=3e
 def fit_cnn(tmp_path, loss="contrastive", epochs=2, **train):
     torch.manual_seed(0)
     images, data = colour_classes()
-    net = models.EmbeddingNet(config.ModelConfig(**SMALL),
+    net = models.EmbeddingNet(config.ModelConfig(weights="none", **SMALL),
                               num_classes=training.classifier_classes(train_config(loss), data))
     encoder = training.ImageEncoder(net, images, 32, config.AugmentConfig(enabled=False),
                                     torch.device("cpu"), "fp32")
@@ -260,7 +260,8 @@ def test_classifier_classes_follow_the_registry():
 def test_frozen_feature_cache_equals_fresh_backbone_features():
     torch.manual_seed(0)
     images, data = colour_classes(n=24)
-    net = models.EmbeddingNet(config.ModelConfig(backbone="cifar_resnet", cifar_n=1)).eval()
+    net = models.EmbeddingNet(config.ModelConfig(weights="none",
+                                                 backbone="cifar_resnet", cifar_n=1)).eval()
     cached = training.frozen_features(net, images, data.train_idx, 32, torch.device("cpu"),
                                       "fp32")
     from retrieval import transforms

@@ -34,8 +34,8 @@ def _check(condition: bool, key: str, message: str) -> None:
 @dataclass(frozen=True)
 class SyntheticConfig:
     classes: int = 10
-    images_per_class: int = 48
-    size: int = 128
+    images_per_class: int = 80
+    size: int = 96
 
     def validate(self, key: str) -> None:
         _check(2 <= self.classes <= 16, f"{key}.classes", f"({self.classes}) must be in [2, 16]")
@@ -93,8 +93,8 @@ class VerifyNormalizationConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet50"  # a key of models.BACKBONES
-    weights: str = "none"  # imagenet | none | path to a local state_dict file
+    backbone: str = "efficientnet_lite0"  # a key of models.BACKBONES
+    weights: str = "imagenet"  # imagenet | none | path to a local state_dict file
     cifar_n: int = 3  # cifar_resnet depth is 6n+2
     pooling: Literal["avg", "max", "gem"] = "avg"
     head: Literal["mlp", "linear", "none"] = "mlp"
@@ -136,23 +136,23 @@ class AugmentConfig:
 class TrainConfig:
     """Settings shared by train_frozen and train_unfrozen (per-stage sections override epochs)."""
 
-    loss: str = "contrastive"  # a key of losses.LOSSES
+    loss: str = "triplet"  # a key of losses.LOSSES
     margin: float = 1.0
     temperature: float = 0.1
     pairs_per_epoch: int = 1000
     hard_pairs: bool = False
     negatives: Literal["hard", "random"] = "hard"
-    triplets_per_epoch: int = 0  # 0: one triplet per train image; else a seeded sample
+    triplets_per_epoch: int = 2000  # 0: one triplet per train image; else a seeded sample
     mining_k: int = 30
     images_per_class: int = 4
     batch_size: int = 32
     optimizer: Literal["adam", "sgd"] = "adam"
     momentum: float = 0.9
-    weight_decay: float = 1e-4
+    weight_decay: float = 0.0
     lr_factor: float = 0.5
-    lr_patience: int = 2
-    early_stopping_patience: int = 5
-    threshold_criterion: Literal["f1", "accuracy"] = "f1"
+    lr_patience: int = 3
+    early_stopping_patience: int = 6
+    threshold_criterion: Literal["f1", "accuracy"] = "accuracy"
     val_pairs: int = 500
 
     def validate(self, key: str) -> None:
@@ -176,7 +176,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class TrainFrozenConfig:
-    epochs: int = 30
+    epochs: int = 20
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def validate(self, key: str) -> None:
@@ -186,7 +186,7 @@ class TrainFrozenConfig:
 
 @dataclass(frozen=True)
 class TrainUnfrozenConfig:
-    epochs: int = 6
+    epochs: int = 4
     init: Literal["frozen", "scratch"] = "frozen"
     backbone_lr_mult: float = 0.1
     # Train only the backbone stages from this one on (earlier ones stay frozen); "all" trains
@@ -195,8 +195,9 @@ class TrainUnfrozenConfig:
     unfreeze_from: str = "all"
     # BatchNorm of the trained trunk stages: train (batch statistics, running stats updated) |
     # frozen (keep the pretrained running statistics). Frozen stages always keep theirs.
-    batchnorm: Literal["train", "frozen"] = "train"
-    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(enabled=True))
+    batchnorm: Literal["train", "frozen"] = "frozen"
+    augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(
+        enabled=True, crop_scale_min=0.7, color_jitter=0.1))
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
@@ -208,7 +209,7 @@ class TrainUnfrozenConfig:
 class EvaluateConfig:
     test_pairs: int = 2000
     val_pairs: int = 2000  # the decision threshold is chosen on these, then applied to test
-    threshold_criterion: Literal["f1", "accuracy"] = "f1"
+    threshold_criterion: Literal["f1", "accuracy"] = "accuracy"
     gallery: Literal["test", "train"] = "test"
     # Neighbours ranked per query: mAP and MAP@R are exact while this is >= the gallery size
     # (else mAP@max_rank); memory is O(query chunk x max_rank), never gallery x gallery.
@@ -264,7 +265,7 @@ class GradcamConfig:
 @dataclass(frozen=True)
 class Params:
     seed: int = 42
-    lr: float = 1e-3
+    lr: float = 3e-4
     precision: Literal["fp32", "bf16"] = "bf16"
     device: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)

@@ -378,7 +378,8 @@ def needs(name: str):
 call = call_cli
 
 
-TINY = ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=8, embedding_dim=4)
+TINY = ModelConfig(weights="none",
+                   backbone="cifar_resnet", cifar_n=1, hidden_dim=8, embedding_dim=4)
 
 
 @pytest.fixture(scope="module")

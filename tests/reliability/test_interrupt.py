@@ -97,7 +97,8 @@ def assert_no_half_written_outputs(repo: Path) -> None:
 def test_a_write_interrupted_midway_leaves_the_previous_file_and_no_debris(tmp_path, write):
     """Outputs go through outputs.atomic_path: interrupted, the old file stays whole."""
     path = tmp_path / f"out.{write}"
-    net = models.EmbeddingNet(ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=4,
+    net = models.EmbeddingNet(ModelConfig(weights="none",
+                                          backbone="cifar_resnet", cifar_n=1, hidden_dim=4,
                                           embedding_dim=2))
     writers = {"json": lambda: outputs.write_json(path, {"a": 1}),
                "csv": lambda: outputs.write_csv(path, pd.DataFrame({"a": [1]})),

@@ -41,7 +41,8 @@ def evil(tmp_path) -> tuple[Path, Path]:
     """(a checkpoint-shaped .pt whose unpickling runs the payload, the payload's marker)."""
     marker = tmp_path / "code_was_executed"
     path = tmp_path / "evil.pt"
-    net = models.EmbeddingNet(ModelConfig(backbone="cifar_resnet", cifar_n=1, hidden_dim=8,
+    net = models.EmbeddingNet(ModelConfig(weights="none",
+                                          backbone="cifar_resnet", cifar_n=1, hidden_dim=8,
                                           embedding_dim=4))
     torch.save({"state_dict": net.state_dict(), "model_config": {}, "image_size": 32,
                 "threshold": 0.5, "epoch": 1, "fingerprint": "x", "note": Payload(marker)},
