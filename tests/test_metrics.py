@@ -363,3 +363,18 @@ def test_l2_normalize_and_pair_distances():
     distances = metrics.pair_distances(a, b)
     assert distances.dtype == np.float64
     np.testing.assert_allclose(distances, [np.sqrt(2), 0.0], atol=1e-7)
+
+
+def test_bootstrap_auc_ci_brackets_the_auc_and_shrinks_with_more_pairs():
+    from sklearn.metrics import roc_auc_score
+
+    from retrieval.metrics import bootstrap_auc_ci
+
+    rng = np.random.default_rng(0)
+    for n, width_below in ((200, 0.2), (4000, 0.05)):
+        same = rng.integers(0, 2, n)
+        distances = rng.normal(1.0 - 0.5 * same, 0.4)  # same-class pairs are closer
+        auc = roc_auc_score(same, -distances)
+        low, high = bootstrap_auc_ci(distances, same, 300, seed=1)
+        assert low < auc < high and high - low < width_below
+    assert np.isnan(bootstrap_auc_ci(np.ones(4), np.ones(4), 50)[0])  # one class: no AUC

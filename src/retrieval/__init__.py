@@ -1,10 +1,32 @@
 """Image retrieval with contrastive (metric) learning.
 
-One concept per module: ``data`` (indexing, loading, splits), ``synthetic`` (the bundled sample
-dataset), ``transforms``, ``cache`` (decoded-image cache), ``models``, ``losses``, ``sampling``
-(pairs, triplets, miners), ``training``, ``embed`` (batched inference), ``search`` (FAISS),
-``metrics``, ``cam`` (saliency and segmentation), ``plots``, ``report`` and ``tracking``
-(the only module that talks to MLflow).
+One concept per module; a variant (backbone, loss, saliency method, compared model, report
+section) is one registry entry in one of them.
+
+    config       typed, validated params.yaml (the dataclass defaults equal params.yaml)
+    workspace    where the project, the datasets and the shared caches are
+    outputs      atomic writes, one-line user errors, JSON/CSV/Markdown outputs
+    data         indexing a folder or the sample, loading images and masks, splits
+    synthetic    the bundled sample dataset (shapes x patterns, with exact masks)
+    transforms   pixels -> model inputs; NORMALIZATIONS (one per backbone family)
+    cache        the decoded-image cache and cached arrays (frozen features)
+    models       the embedding network; BACKBONES (registry); checkpoints
+    runtime      device, bf16 autocast, channels_last, torchrun/DDP
+    embed        batched inference over the image cache
+    rng          every named random stream
+    sampling     pairs, triplets, class-balanced batches, hard-negative mining
+    losses       LOSSES (registry): contrastive, triplet, in-batch, SupCon, cross entropy
+    training     the training loop (fit), encoders, batched augmentation
+    metrics      verification and retrieval metrics, bootstrap CIs
+    search       exact FAISS k-NN and the saved gallery index
+    evaluation   COMPARED_MODELS (registry): baseline / frozen / fine-tuned, and their scores
+    embed_viz    t-SNE / PCA layouts and silhouette scores
+    cam          SALIENCY_METHODS (registry), binarisation, IoU and the trivial baselines
+    segmentation geometry, explainers, the val-chosen experiment, its summary
+    plots        figures: pure functions, data in, matplotlib Figure out
+    report       inputs, observations, SECTIONS (registry), one renderer per format
+    tracking     the only module that talks to MLflow
+    cli          the `retrieval` command (compare, search, segment)
 """
 
 __version__ = "0.1.0"

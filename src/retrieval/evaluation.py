@@ -294,6 +294,8 @@ def verify(val_distances: np.ndarray, val_same: np.ndarray, test_distances: np.n
             correct, n_boot, seed)
         scores["f1_ci_low"], scores["f1_ci_high"] = metrics.bootstrap_f1_ci(
             same, predicted, n_boot, seed)
+        scores["roc_auc_ci_low"], scores["roc_auc_ci_high"] = metrics.bootstrap_auc_ci(
+            test_distances, same, n_boot, seed)
     kwargs = {"labels": [1, 0], "target_names": ["same", "different"], "zero_division": 0}
     return Verification(
         scores, np.asarray(val_distances), np.asarray(test_distances), same, curve["fpr"],
@@ -370,7 +372,9 @@ def evaluate_model(embeddings: Embeddings, pairs: pd.DataFrame, queries: pd.Data
               "embedding_dim": int(embeddings.vectors.shape[1]), "ranks": retrieval.ranks}
     scored = _scored(retrieval.per_query)
     if cfg.bootstrap:
-        for name, column in (("precision_at_1", "precision_at_1"), ("map", "ap")):
+        for name, column in (("precision_at_1", "precision_at_1"),
+                             ("precision_at_5", "precision_at_5"), ("map", "ap"),
+                             ("map_at_r", "ap_at_r")):
             low, high = metrics.bootstrap_ci(scored[column].to_numpy(), cfg.bootstrap, seed)
             scores[f"{name}_ci_low"], scores[f"{name}_ci_high"] = low, high
     per_class = _per_class_precision_at_1(scored).sort_values(kind="stable")

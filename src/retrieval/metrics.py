@@ -397,6 +397,25 @@ def bootstrap_ci(
     return float(low), float(high)
 
 
+def bootstrap_auc_ci(distances: np.ndarray, same: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                     alpha: float = 0.05) -> tuple[float, float]:
+    """Percentile bootstrap interval of the ROC AUC over resampled pairs (smaller distance means
+    more similar). Resamples that draw a single class (no AUC) are skipped."""
+    from sklearn.metrics import roc_auc_score
+
+    scores, same = -np.asarray(distances, dtype=np.float64), np.asarray(same).astype(int)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        draw = rng.integers(0, same.size, size=same.size)
+        if 0 < same[draw].sum() < same.size:
+            values.append(roc_auc_score(same[draw], scores[draw]))
+    if not values:
+        return float("nan"), float("nan")
+    low, high = np.quantile(values, [alpha / 2, 1 - alpha / 2])
+    return float(low), float(high)
+
+
 def bootstrap_f1_ci(same: np.ndarray, predicted: np.ndarray, n_boot: int = 1000, seed: int = 0,
                     alpha: float = 0.05) -> tuple[float, float]:
     """Percentile bootstrap interval of F1 over resampled pairs (F1 is not a mean of per-pair
