@@ -1,0 +1,65 @@
+"""The README's real-data tables from the DVC experiments of a repository.
+
+    dvc exp show --json > exps.json
+    python bench/experiments.py exps.json caltech caltech-disjoint ...
+
+For each named experiment: test P@1, P@5, mAP, MAP@R, pair accuracy and ROC AUC of baseline /
+frozen / fine-tuned with their 95% bootstrap CIs (metrics/evaluate.json), then the stages' own
+wall times (metrics/timing/*.json). Nothing is computed here: it prints what the runs measured.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+MODELS = ("baseline", "frozen", "unfrozen")
+METRICS = {"precision_at_1": "P@1", "precision_at_5": "P@5", "map": "mAP", "map_at_r": "MAP@R",
+           "accuracy": "pair acc.", "roc_auc": "ROC AUC"}
+TIMED = {"train_frozen": "train_seconds", "train_unfrozen": "train_seconds",
+         "evaluate": "evaluate_seconds", "gradcam_segment": "seconds"}
+
+
+def experiments(show: list[dict]) -> dict[str, dict]:
+    """{experiment name: its metrics files} from `dvc exp show --json`."""
+    found = {}
+    for commit in show:
+        for experiment in commit.get("experiments") or []:
+            for rev in experiment["revs"]:
+                if rev.get("name") and rev.get("data"):
+                    found[rev["name"]] = {path: entry.get("data", {}) for path, entry in
+                                          (rev["data"].get("metrics") or {}).items()}
+    return found
+
+
+def cell(scores: dict, key: str) -> str:
+    low, high = scores.get(f"{key}_ci_low"), scores.get(f"{key}_ci_high")
+    value = f"{scores[key]:.3f}"
+    return f"{value} [{low:.3f}, {high:.3f}]" if low is not None else value
+
+
+def table(name: str, files: dict) -> str:
+    evaluate = files["metrics/evaluate.json"]
+    lines = [f"`{name}` | " + " | ".join(METRICS.values()), "|---" * (len(METRICS) + 1) + "|"]
+    lines[0] = "| " + lines[0] + " |"
+    for model in MODELS:
+        lines.append(f"| {model} | " + " | ".join(cell(evaluate[model], k) for k in METRICS)
+                     + " |")
+    times = []
+    for stage, key in TIMED.items():
+        timing = files.get(f"metrics/timing/{stage}.json", {})
+        if key in timing:
+            times.append(f"{stage} {timing[key] / 60:.1f} min")
+    return "\n".join(lines) + ("\n\nStage times (their own clocks): " + ", ".join(times)
+                               if times else "")
+
+
+def main() -> None:
+    show = json.loads(open(sys.argv[1]).read())
+    found = experiments(show)
+    for name in sys.argv[2:]:
+        print(table(name, found[name]) if name in found else f"{name}: not found", end="\n\n")
+
+
+if __name__ == "__main__":
+    main()
