@@ -54,7 +54,7 @@ def breakdown(function, images, indices: np.ndarray, image_size: int, batch_size
 
 def run(quick: bool, workdir: Path) -> common.Result:
     backbone, size, n, batch, rounds = (("cifar_resnet", 32, 64, 32, 2) if quick else
-                                        ("resnet50", 224, 128, 64, 5))
+                                        ("efficientnet_lite0", 160, 256, 64, 5))
     images, _ = common.image_cache(n, size, seed=0, workdir=workdir)
     indices = np.arange(len(images))
     net = runtime.prepare_model(common.embedding_net(backbone), torch.device("cpu")).eval()
