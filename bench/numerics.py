@@ -66,9 +66,10 @@ def speeds(backbone: str, size: int, quick: bool, workdir: Path) -> dict[str, fl
     """Images per second of each task x configuration, interleaved, best of the rounds."""
     batch, n_eval, n_train, rounds = (16, 32, 16, 1) if quick else (32, 96, 32, 2)
     images, _ = common.image_cache(n_eval, size, seed=9, workdir=workdir)
-    encoder = training.ImageEncoder(None, images, size, config.AugmentConfig(), CPU, "fp32")
+    net = common.embedding_net(backbone)
+    encoder = training.ImageEncoder(net, images, size, config.AugmentConfig(), CPU, "fp32")
     inputs = encoder.inputs(np.arange(len(images)))
-    nets = layouts(common.embedding_net(backbone), inputs)
+    nets = layouts(net, inputs)
     sides = {}
     for name, (precision, channels_last) in CONFIGS.items():
         model, x = nets[channels_last]
