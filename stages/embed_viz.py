@@ -2,7 +2,7 @@
 classes separate (silhouette score in the full embedding space).
 
 t-SNE (seeded, PCA-initialised) and PCA of a seeded subsample of at most embed_viz.max_points
-test images, every compared model (evaluation.COMPARED_MODELS) side by side; the largest classes
+test images, every compared model (compared.COMPARED_MODELS) side by side; the largest classes
 are coloured, the rest grey. A model whose embedding is 2-D is also plotted directly.
 
 Reads:  params seed, embed_viz; data/embeddings/<model>.npz (from evaluate)
@@ -11,13 +11,12 @@ Writes: plots/embed_viz/{tsne,pca}.png (and direct.png for 2-D embeddings),
 """
 
 import time
-from pathlib import Path
 
-from retrieval import config, embed_viz, evaluation, outputs, tracking
+from retrieval import compared, config, embed_viz, evaluation, outputs, paths, tracking
 from retrieval.plots import evaluation as evaluation_plots
 
 STAGE = "embed_viz"
-PLOTS = Path("plots") / STAGE
+PLOTS = paths.plots(STAGE)
 METHODS = {"tsne": ("t-SNE", "t-SNE"), "pca": ("PCA", "PC")}  # file: (title, axis name)
 
 
@@ -25,13 +24,13 @@ def main() -> None:
     params = config.load_params()
     cfg = params.embed_viz
     embeddings = embed_viz.load_split_embeddings(
-        {name: f"data/embeddings/{name}.npz" for name in evaluation.MODELS}, "test")
+        {name: paths.embeddings(name) for name in compared.MODELS}, "test")
     first = next(iter(embeddings.values()))  # all cover the same images
     keep = embed_viz.sample(len(first.rows), cfg.max_points, params.seed)
     labels = first.labels[keep]
     vectors = {name: e.vectors[keep] for name, e in embeddings.items()}
     highlighted = embed_viz.highlighted_classes(labels, cfg.highlight_classes)
-    with tracking.stage_run(STAGE, config.select(params, ("seed", STAGE)),
+    with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             config.flatten(config.to_dict(params))) as run:
         scores = {name: {"silhouette": embed_viz.silhouette(v, labels),
                          "embedding_dim": v.shape[1]} for name, v in vectors.items()}
@@ -54,8 +53,8 @@ def main() -> None:
                 PLOTS / "direct.png")
         summary = {**scores, "points": len(labels), "classes": len(set(labels)),
                    "perplexity_used": embed_viz.perplexity_used(len(labels), cfg.perplexity)}
-        outputs.write_json(f"metrics/{STAGE}.json", summary)
-        outputs.write_json(f"metrics/timing/{STAGE}.json", timing)
+        outputs.write_json(paths.metrics(STAGE), summary)
+        outputs.write_json(paths.timing(STAGE), timing)
         run.log_metrics(evaluation.flat_metrics(scores), to_parent=True)
         run.log_metrics(timing)
         run.log_artifact(PLOTS)

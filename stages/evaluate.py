@@ -1,9 +1,9 @@
 """evaluate: pair verification and retrieval on the test split, for every compared model
-(evaluation.COMPARED_MODELS: baseline vs frozen vs unfrozen).
+(compared.COMPARED_MODELS: baseline vs frozen vs unfrozen).
 
 The embeddings of the models are computed once and saved for embed_viz and gradcam. The
 evaluation pairs and query/gallery lists are seeded functions of the split, so every experiment
-is scored on the same ones. The search index of the gallery (evaluation.SEARCHED, the unfrozen
+is scored on the same ones. The search index of the gallery (compared.SEARCHED, the unfrozen
 model) serves `retrieval search`.
 
 Reads:  params seed, precision, device, data.image_size, evaluate; data/split.csv, data/prepared,
@@ -15,21 +15,32 @@ Writes: data/eval/{pairs,queries,gallery}.csv, data/embeddings/<model>.npz,
 """
 
 import time
-from pathlib import Path
 
 import numpy as np
 
-from retrieval import cache, config, data, evaluation, models, outputs, runtime, search, tracking
+from retrieval import (
+    cache,
+    compared,
+    config,
+    data,
+    evaluation,
+    models,
+    outputs,
+    paths,
+    runtime,
+    search,
+    tracking,
+)
 
 STAGE = "evaluate"
-PLOTS = Path("plots") / STAGE
-CHECKPOINTS = {stage: Path("models") / stage / "best.pt" for stage in evaluation.checkpoints()}
+PLOTS = paths.plots(STAGE)
+CHECKPOINTS = {stage: paths.checkpoint(stage) for stage in compared.checkpoints()}
 
 
 def main() -> None:
     params = config.load_params()
     cfg, size = params.evaluate, params.data.image_size
-    table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
+    table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
     pairs = evaluation.evaluation_pairs(table, cfg.val_pairs, cfg.test_pairs, params.seed)
     queries, gallery = evaluation.query_gallery(table, cfg.gallery)
     nets = {name: models.load_model(path) for name, path in CHECKPOINTS.items()}
@@ -37,8 +48,7 @@ def main() -> None:
         if checkpoint.get("image_size", size) != size:
             raise outputs.UserError(f"{CHECKPOINTS[name]} was trained at image_size "
                                     f"{checkpoint['image_size']}, params say {size}: re-run it")
-    keys = ("seed", "precision", "device", "data", STAGE)
-    with tracking.stage_run(STAGE, config.select(params, keys),
+    with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             config.flatten(config.to_dict(params))) as run:
         started = time.perf_counter()
         images = cache.images_for(table["file"].tolist(), size)
@@ -50,25 +60,25 @@ def main() -> None:
         embed_seconds = time.perf_counter() - started
         results = {name: evaluation.evaluate_model(embeddings[name], pairs, queries, gallery,
                                                    cfg, params.seed)
-                   for name in evaluation.MODELS}
+                   for name in compared.MODELS}
         scores = {name: result.metrics for name, result in results.items()}
 
-        outputs.write_csv("data/eval/pairs.csv", pairs)
-        outputs.write_csv("data/eval/queries.csv", queries)
-        outputs.write_csv("data/eval/gallery.csv", gallery)
+        outputs.write_csv(paths.EVAL / "pairs.csv", pairs)
+        outputs.write_csv(paths.EVAL / "queries.csv", queries)
+        outputs.write_csv(paths.EVAL / "gallery.csv", gallery)
         for name, vectors in embeddings.items():
-            vectors.save(f"data/embeddings/{name}.npz")
-        searched = embeddings[evaluation.SEARCHED]
+            vectors.save(paths.embeddings(name))
+        searched = embeddings[compared.SEARCHED]
         search.save_index(search.build_index(searched.take(gallery["row"])),
-                          "data/index/gallery.faiss")
-        outputs.write_csv("data/index/gallery.csv", gallery)
-        outputs.write_json("data/index/gallery.json", evaluation.index_card(
-            CHECKPOINTS[evaluation.compared_model(evaluation.SEARCHED).checkpoint],
+                          paths.GALLERY_INDEX)
+        outputs.write_csv(paths.GALLERY_INDEX.with_suffix(".csv"), gallery)
+        outputs.write_json(paths.GALLERY_INDEX.with_suffix(".json"), evaluation.index_card(
+            CHECKPOINTS[compared.compared_model(compared.SEARCHED).checkpoint],
             searched.vectors.shape[1], len(gallery)))
 
         comparison = evaluation.comparison_table(scores)
         report_text, report = evaluation.classification_reports(results)
-        outputs.write_json(f"metrics/{STAGE}.json", scores)
+        outputs.write_json(paths.metrics(STAGE), scores)
         outputs.write_csv(PLOTS / "roc.csv", evaluation.roc_table(results))
         outputs.write_csv(PLOTS / "comparison.csv", comparison)
         markdown = evaluation.comparison_markdown(comparison, scores)
@@ -83,7 +93,7 @@ def main() -> None:
         timing = {"embed_seconds": embed_seconds, "images_embedded": len(rows),
                   "images_per_second": len(rows) / max(embed_seconds, 1e-9),
                   "evaluate_seconds": time.perf_counter() - started}
-        outputs.write_json(f"metrics/timing/{STAGE}.json", timing)
+        outputs.write_json(paths.timing(STAGE), timing)
         run.log_metrics(evaluation.flat_metrics(scores), to_parent=True)
         run.log_metrics(timing)
         run.log_artifact(PLOTS)

@@ -24,14 +24,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from retrieval import cache, cam, config, data, models, outputs, runtime, tracking
+from retrieval import cache, cam, compared, config, data, models, outputs, paths, runtime, tracking
 from retrieval.outputs import UserError
 from retrieval.plots import segmentation as figures
 from retrieval.segmentation import experiment, explainers, geometry, summary
 
 STAGE = "gradcam_segment"
-OUT, PLOTS = Path("data/gradcam"), Path("plots") / STAGE
-FROZEN, UNFROZEN = Path("models/train_frozen/best.pt"), Path("models/train_unfrozen/best.pt")
+OUT, PLOTS = paths.GRADCAM, paths.plots(STAGE)
 
 
 def main() -> None:
@@ -39,18 +38,22 @@ def main() -> None:
     params = config.load_params()
     cam.check_params(params.gradcam_segment.methods, params.gradcam_segment.binarize)
     size = params.data.image_size
-    table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
+    table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
     device = runtime.resolve_device(params.device)
-    (frozen, checkpoint), (unfrozen, _) = models.load_model(FROZEN), models.load_model(UNFROZEN)
-    if checkpoint.get("image_size", size) != size:
-        raise UserError(f"{FROZEN} was trained at {checkpoint['image_size']} px but "
-                        f"data.image_size is {size}: run `dvc repro` to retrain")
-    explained = [explainers.backbone_explainer("baseline", frozen.to(device)),
-                 explainers.model_explainer("frozen", frozen),
-                 explainers.model_explainer("unfrozen", unfrozen.to(device))]
-    checkpoint_of = {"baseline": FROZEN, "frozen": FROZEN, "unfrozen": UNFROZEN}
-    keys = ("seed", "device", "precision", "data", STAGE)
-    with tracking.stage_run(STAGE, config.select(params, keys),
+    nets = {}
+    for stage in compared.checkpoints():
+        net, checkpoint = models.load_model(paths.checkpoint(stage))
+        if checkpoint.get("image_size", size) != size:
+            raise UserError(f"{paths.checkpoint(stage)} was trained at "
+                            f"{checkpoint['image_size']} px but data.image_size is {size}: "
+                            "run `dvc repro` to retrain")
+        nets[stage] = net.to(device)
+    explained = [(explainers.backbone_explainer if model.view == "backbone" else
+                  explainers.model_explainer)(model.name, nets[model.checkpoint])
+                 for model in compared.COMPARED_MODELS]
+    checkpoint_of = {model.name: paths.checkpoint(model.checkpoint)
+                     for model in compared.COMPARED_MODELS}
+    with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             config.flatten(config.to_dict(params))) as run, \
             _replaced(OUT) as out:
         images = cache.images_for(table["file"].tolist(), size)
@@ -61,7 +64,8 @@ def main() -> None:
                                     Path(row["path"]).with_suffix(".png"), mask))
         for explainer in result.explainers:
             chosen = result.choices[result.choices["model"] == explainer.name]
-            explainers.save_explainer(out / "prototypes" / f"{explainer.name}.npz", explainer,
+            explainers.save_explainer(out / paths.prototypes(explainer.name).relative_to(OUT),
+                                      explainer,
                                       checkpoint_of[explainer.name],
                                       dict(zip(chosen["method"], chosen["binarization"],
                                                strict=True)))
@@ -84,11 +88,11 @@ def main() -> None:
             PLOTS / "iou_histogram.png")
 
         metrics = summary.metrics(result)
-        outputs.write_json(f"metrics/{STAGE}.json", metrics)
+        outputs.write_json(paths.metrics(STAGE), metrics)
         timing = {"seconds": time.perf_counter() - started,
                   "images_explained": (result.images["val"] + result.images["test"])
                   * len(explained) * len(params.gradcam_segment.methods)}
-        outputs.write_json(f"metrics/timing/{STAGE}.json", timing)
+        outputs.write_json(paths.timing(STAGE), timing)
         # MLflow metric names may not contain "+" (gradcam++ -> gradcampp).
         flat = {k.replace("+", "p"): v for k, v in config.flatten(metrics).items()}
         run.log_metrics(flat, to_parent=True)

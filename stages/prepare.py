@@ -4,27 +4,25 @@ Reads:  params seed, data.*; the dataset folder (read-only) when data.source is 
 Writes: data/prepared/{sample/, index.csv, excluded.csv, dataset.json}, metrics/prepare.json
 """
 
-from pathlib import Path
+from retrieval import config, data, outputs, paths, tracking, workspace
 
-from retrieval import config, data, outputs, tracking, workspace
-
-OUT = Path("data/prepared")
+STAGE = "prepare"
 
 
 def main() -> None:
     params = config.load_params()
     d = params.data
-    with tracking.stage_run("prepare", config.select(params, ("seed", "data")),
+    with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             config.flatten(config.to_dict(params))) as run:
         location = data.locate_dataset(
             d.source, workspace.resolve(d.root) if d.root else "",
-            workspace.resolve(d.masks) if d.masks else None, OUT / "sample",
+            workspace.resolve(d.masks) if d.masks else None, paths.PREPARED / "sample",
             dict(n_classes=d.synthetic.classes, images_per_class=d.synthetic.images_per_class,
                  image_size=d.synthetic.size, seed=params.seed))
         result = data.index_folder(location.root, location.masks)
-        outputs.write_csv(OUT / "index.csv", result.index)
-        outputs.write_csv(OUT / "excluded.csv", result.excluded)
-        outputs.write_json(OUT / "dataset.json", {
+        outputs.write_csv(paths.INDEX_CSV, result.index)
+        outputs.write_csv(paths.EXCLUDED_CSV, result.excluded)
+        outputs.write_json(paths.DATASET_JSON, {
             "root": str(location.root), "masks": str(location.masks or ""), "source": d.source})
         counts = result.index["label"].value_counts()
         metrics = {"images": len(result.index), "classes": len(counts),
@@ -34,9 +32,9 @@ def main() -> None:
                    "missing_masks": result.missing_masks,
                    "mismatched_masks": result.mismatched_masks,
                    "min_class_size": int(counts.min()), "max_class_size": int(counts.max())}
-        outputs.write_json("metrics/prepare.json", metrics)
+        outputs.write_json(paths.metrics(STAGE), metrics)
         run.log_metrics(metrics, to_parent=True)
-        run.log_artifact(OUT / "excluded.csv")
+        run.log_artifact(paths.EXCLUDED_CSV)
 
 
 if __name__ == "__main__":

@@ -12,26 +12,26 @@ Writes: report/report.html (self-contained), report/Report.pdf, report/report.md
 
 import os
 import shutil
-from pathlib import Path
 
-from retrieval import config, outputs, report, tracking
+from retrieval import config, outputs, paths, report, tracking
 
 STAGE = "report"
-OUT = Path("report")
+OUT = paths.REPORT
 FIGURES = OUT / "figures"
 
 
 def main() -> None:
     params = config.load_params()
     flat = config.flatten(config.to_dict(params))
-    with tracking.stage_run(STAGE, flat, flat) as run:
+    with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
+                            flat) as run:
         run_info = report.RunInfo(tracking.git_commit(),
                                   os.environ.get("DVC_EXP_NAME") or "workspace",
                                   tracking.pipeline_run_ids(flat))
         experiments = report.experiments_table(tracking.pipeline_runs(),
                                                run_info.run_ids.get("pipeline"))
-        inputs = report.load_inputs("metrics", "plots", flat, run_info, experiments,
-                                    "data/prepared/excluded.csv")
+        inputs = report.load_inputs(paths.METRICS, paths.PLOTS, flat, run_info, experiments,
+                                    paths.EXCLUDED_CSV)
         shutil.rmtree(FIGURES, ignore_errors=True)  # figures of a stage that no longer exists
         for key, path in inputs.figures.items():  # report.md and its images travel together
             with outputs.atomic_path(FIGURES / f"{key}.png") as temp:

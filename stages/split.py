@@ -7,14 +7,16 @@ Writes: data/split.csv (path, label, split, mask_path), metrics/split.json,
 
 import pandas as pd
 
-from retrieval import config, data, outputs, tracking
+from retrieval import config, data, outputs, paths, tracking
+
+STAGE = "split"
 
 
 def main() -> None:
     params = config.load_params()
     s = params.split
-    index = pd.read_csv("data/prepared/index.csv", keep_default_na=False, dtype=str)
-    with tracking.stage_run("split", config.select(params, ("seed", "split")),
+    index = pd.read_csv(paths.INDEX_CSV, keep_default_na=False, dtype=str)
+    with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             config.flatten(config.to_dict(params))) as run:
         fractions = (s.train, s.val, s.test)
         small: list[str] = []
@@ -26,17 +28,17 @@ def main() -> None:
         counts = table.pivot_table(index="label", columns="split", values="path",
                                    aggfunc="count", fill_value=0)
         counts = counts.reindex(columns=list(data.SPLITS), fill_value=0).reset_index()
-        outputs.write_csv("data/split.csv", table)
-        outputs.write_csv("plots/split/class_counts.csv", counts)
+        outputs.write_csv(paths.SPLIT_CSV, table)
+        outputs.write_csv(paths.plots(STAGE) / "class_counts.csv", counts)
         per_split = table.groupby("split")
         metrics = {"mode": s.mode, "small_classes": len(small), "small_class_rule": s.small_classes,
                    "small_class_names": small,
                    **{f"{name}_images": int(per_split.size().get(name, 0)) for name in data.SPLITS},
                    **{f"{name}_classes": int(per_split["label"].nunique().get(name, 0))
                       for name in data.SPLITS}}
-        outputs.write_json("metrics/split.json", metrics)
+        outputs.write_json(paths.metrics(STAGE), metrics)
         run.log_metrics(metrics, to_parent=True)
-        run.log_artifact("plots/split/class_counts.csv")
+        run.log_artifact(paths.plots(STAGE) / "class_counts.csv")
 
 
 if __name__ == "__main__":

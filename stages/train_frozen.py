@@ -20,6 +20,7 @@ from retrieval import (
     losses,
     models,
     outputs,
+    paths,
     runtime,
     tracking,
     training,
@@ -33,14 +34,14 @@ def main() -> None:
     params = config.load_params()
     losses.check_params(params.train)
     t, size = params.train, params.data.image_size
-    table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
+    table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
     split = training.TrainingData.from_table(table)
     device = runtime.resolve_device(params.device)
     torch.manual_seed(params.seed)  # the head's (and a weights: none trunk's) initialisation
     net = runtime.prepare_model(models.EmbeddingNet(
         params.model, training.classifier_classes(t, split)), device)
     net.trunk.requires_grad_(False)
-    keys = ("seed", "lr", "precision", "data", "model", "train", STAGE)
+    keys = config.stage_params(STAGE)
     with tracking.stage_run(STAGE, config.select(params, keys),
                             config.flatten(config.to_dict(params))) as run:
         images = cache.images_for(table["file"].tolist(), size)
@@ -66,9 +67,10 @@ def main() -> None:
             net, encoder, optimizer, split, t, epochs=params.train_frozen.epochs,
             seed=params.seed, resume=resume,
             on_epoch=lambda epoch, row: run.log_metrics(row, step=epoch),
-            save_best=training.best_checkpoint_writer(STAGE, net, split, size))
+            save_best=training.best_checkpoint_writer(paths.checkpoint(STAGE), STAGE, net, split,
+                                                     size))
         pretrained = params.model.weights != "none"
-        training.finish_stage(STAGE, net, result, split, size,
+        training.finish_stage(STAGE, paths.checkpoint(STAGE), net, result, split, size,
                               f"{STAGE}: {t.loss} loss, backbone frozen", run,
                               {"pretrained_weights": pretrained})
         run.set_tags({"pretrained_weights": pretrained})

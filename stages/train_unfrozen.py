@@ -22,6 +22,7 @@ from retrieval import (
     losses,
     models,
     outputs,
+    paths,
     runtime,
     tracking,
     training,
@@ -35,13 +36,13 @@ def main() -> None:
     params = config.load_params()
     losses.check_params(params.train)
     t, u, size = params.train, params.train_unfrozen, params.data.image_size
-    table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
+    table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
     split = training.TrainingData.from_table(table)
     device = runtime.resolve_device(params.device)
     runtime.init_distributed(device)
     torch.manual_seed(params.seed)
     if u.init == "frozen":
-        net, _ = models.load_model("models/train_frozen/best.pt")
+        net, _ = models.load_model(paths.checkpoint("train_frozen"))
     else:
         net = models.EmbeddingNet(params.model,
                                   training.classifier_classes(t, split))
@@ -49,7 +50,7 @@ def main() -> None:
     net = runtime.prepare_model(net, device)
     model = (torch.nn.parallel.DistributedDataParallel(net) if runtime.world_size() > 1
              else net)
-    keys = ("seed", "lr", "precision", "data", "model", "train", STAGE)
+    keys = config.stage_params(STAGE)
     tracked = (tracking.stage_run(STAGE, config.select(params, keys),
                                   config.flatten(config.to_dict(params)))
                if runtime.is_main_process() else contextlib.nullcontext())
@@ -66,9 +67,10 @@ def main() -> None:
         result = training.fit(
             net, encoder, optimizer, split, t, epochs=u.epochs, seed=params.seed, resume=resume,
             on_epoch=lambda epoch, row: run.log_metrics(row, step=epoch),
-            save_best=training.best_checkpoint_writer(STAGE, net, split, size))
+            save_best=training.best_checkpoint_writer(paths.checkpoint(STAGE), STAGE, net, split,
+                                                     size))
         if runtime.is_main_process():
-            training.finish_stage(STAGE, net, result, split, size,
+            training.finish_stage(STAGE, paths.checkpoint(STAGE), net, result, split, size,
                                   f"{STAGE}: {t.loss} loss, backbone from {u.unfreeze_from}",
                                   run, {"pretrained_weights": params.model.weights != "none"})
     runtime.shutdown_distributed()

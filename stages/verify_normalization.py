@@ -9,8 +9,10 @@ Writes: metrics/verify_normalization.json, plots/verify_normalization/histograms
 
 import numpy as np
 
-from retrieval import cache, config, data, models, outputs, tracking, transforms
+from retrieval import cache, config, data, models, outputs, paths, rng, tracking, transforms
 from retrieval.plots import training as training_plots
+
+STAGE = "verify_normalization"
 
 
 def main() -> None:
@@ -18,16 +20,14 @@ def main() -> None:
     v = params.verify_normalization
     normalization = transforms.NORMALIZATIONS[models.backbone(params.model.backbone).normalization]
     expected = normalization.expected_stats()
-    table = data.load_split_table("data/split.csv", "data/prepared/dataset.json")
-    with tracking.stage_run("verify_normalization",
-                            config.select(params, ("seed", "verify_normalization")) |
-                            {"model.backbone": params.model.backbone},
+    table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
+    with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             config.flatten(config.to_dict(params))) as run:
         # Decodes every image of the split once; later stages reuse this cache.
         images = cache.images_for(table["file"].tolist(), params.data.image_size)
         train = np.flatnonzero(table["split"].to_numpy() == "train")
-        rng = np.random.default_rng(params.seed)
-        sample = np.sort(rng.choice(train, size=min(v.sample_size, len(train)), replace=False))
+        sample = train[rng.subsample(len(train), v.sample_size, params.seed,
+                                     rng.Subsample.VERIFY_NORMALIZATION)]
         crops = transforms.eval_crop(params.data.image_size)(images.batch(sample))
         normalized = transforms.normalize(crops, normalization)
         raw_stats = transforms.channel_stats(crops.float() / 255.0)
@@ -53,10 +53,10 @@ def main() -> None:
                    "mean_tolerance": v.mean_tolerance, "std_tolerance": v.std_tolerance}
         figure = training_plots.normalization_histograms((crops.float() / 255.0).numpy(),
                                                 normalized.numpy())
-        outputs.save_figure(figure, "plots/verify_normalization/histograms.png")
-        outputs.write_json("metrics/verify_normalization.json", metrics)
+        outputs.save_figure(figure, paths.plots(STAGE) / "histograms.png")
+        outputs.write_json(paths.metrics(STAGE), metrics)
         run.log_metrics(metrics, to_parent=True)
-        run.log_artifact("plots/verify_normalization/histograms.png")
+        run.log_artifact(paths.plots(STAGE) / "histograms.png")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Model inputs made a whole batch at a time: runtime.model_input and training.BatchAugment.
+"""Model inputs made a whole batch at a time: runtime.model_input and transforms.BatchAugment.
 
 Both replace slower per-image or out-of-place code (issue #7), so each is checked against the
 torchvision / transforms reference it stands for.
@@ -34,7 +34,7 @@ def test_model_input_is_normalize_bit_for_bit_in_channels_last():
 
 def test_batch_augment_without_randomness_is_resize_then_normalize():
     # crop scale 1 on a square image: every try of ratio != 1 overflows, so the whole image
-    augment = training.BatchAugment(32, AugmentConfig(enabled=True, crop_scale_min=1.0,
+    augment = transforms.BatchAugment(32, AugmentConfig(enabled=True, crop_scale_min=1.0,
                                                       flip=False, color_jitter=0.0), IMAGENET)
     images = random_images(side=40)
     expected = transforms.normalize(TF.resize(images.float(), [32, 32], antialias=False),
@@ -46,15 +46,15 @@ def test_batch_augment_without_randomness_is_resize_then_normalize():
 
 
 def test_colour_map_is_torchvision_jitter_then_normalize():
-    augment = training.BatchAugment(16, AugmentConfig(enabled=True, color_jitter=0.4), IMAGENET)
+    augment = transforms.BatchAugment(16, AugmentConfig(enabled=True, color_jitter=0.4), IMAGENET)
     # Narrow mid-range values (seeded): even three 1.4x jitters stay inside [0, 1], so
     # torchvision never clamps and the affine map must match it exactly.
     x = 110 + 30 * torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    torch.manual_seed(3)
+    augment.reseed(3)
     matrix, offset = augment._colour_map(x.mean(dim=(2, 3)))
-    torch.manual_seed(3)  # replay the draws: factors (B, 3), then the order per image
-    factors = torch.empty(6, 3).uniform_(0.6, 1.4)
-    order = torch.argsort(torch.rand(6, 3), dim=1)
+    replay = torch.Generator().manual_seed(3)  # the draws: factors (B, 3), then the order
+    factors = torch.empty(6, 3).uniform_(0.6, 1.4, generator=replay)
+    order = torch.argsort(torch.rand(6, 3, generator=replay), dim=1)
     jitters = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
     for b in range(6):
         image = x[b:b + 1] / 255
@@ -66,7 +66,7 @@ def test_colour_map_is_torchvision_jitter_then_normalize():
 
 
 def test_crops_follow_random_resized_crop_and_flip_half():
-    augment = training.BatchAugment(32, AugmentConfig(enabled=True, crop_scale_min=0.5), IMAGENET)
+    augment = transforms.BatchAugment(32, AugmentConfig(enabled=True, crop_scale_min=0.5), IMAGENET)
     grid = augment._sampling_grid(4000, 40, 40)  # (B, s, s, 2) in [-1, 1]
     xs, ys = grid[:, 0, :, 0], grid[:, :, 0, 1]
     step_x = (xs[:, -1] - xs[:, 0]).abs() / 31 * 32 / 2 * 40  # crop width in pixels
@@ -79,12 +79,16 @@ def test_crops_follow_random_resized_crop_and_flip_half():
     assert abs(flipped - 0.5) < 0.05
 
 
-def test_batch_augment_is_seeded_by_torch_and_stays_in_the_pixel_range():
-    augment = training.BatchAugment(24, AugmentConfig(enabled=True, color_jitter=0.5), IMAGENET)
+def test_batch_augment_draws_from_its_own_seeded_stream_and_stays_in_the_pixel_range():
+    augment = transforms.BatchAugment(24, AugmentConfig(enabled=True, color_jitter=0.5), IMAGENET)
     images = random_images(8, 28)
-    torch.manual_seed(7)
+    augment.reseed(7)
+    global_state = torch.get_rng_state()
     first = augment(images)
-    torch.manual_seed(7)
+    assert torch.equal(torch.get_rng_state(), global_state)  # torch's global RNG untouched
+    assert not torch.equal(first, augment(images))  # the stream moves on ...
+    torch.manual_seed(123)  # ... and does not depend on the global RNG
+    augment.reseed(7)
     assert torch.equal(first, augment(images))
     low, high = augment._normalised_range(CPU)
     assert (first >= low - 1e-6).all() and (first <= high + 1e-6).all()

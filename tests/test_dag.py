@@ -7,6 +7,7 @@ imports, directly or through other modules (its import closure, found by parsing
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,52 @@ def test_stage_deps_cover_the_import_closure_of_its_script(name):
     missing = sorted(str(f.relative_to(REPO)) for f in import_closure(script)
                      if f.resolve() not in deps)
     assert not missing, f"stage {name} runs code it does not depend on: {missing}"
+
+
+# --- one place per fact: params lists and paths ------------------------------------------------
+
+@pytest.mark.parametrize("name", sorted(STAGES))
+def test_a_stage_logs_the_params_dvc_yaml_declares_for_it(name):
+    from retrieval import config
+
+    script = (REPO / STAGES[name]["cmd"].split()[1]).read_text()
+    assert f'STAGE = "{name}"' in script and "config.stage_params(STAGE)" in script
+    keys = config.stage_params(name, REPO / "dvc.yaml")
+    logged = config.select(config.Params(), keys)  # every declared key exists
+    assert keys and all(any(k == key or k.startswith(f"{key}.") for k in logged) for key in keys)
+
+
+def test_stage_params_reads_keys_and_whole_files(tmp_path):
+    from retrieval import config
+
+    dvc_yaml = tmp_path / "dvc.yaml"
+    dvc_yaml.write_text("stages:\n  a:\n    params: [seed, data.image_size]\n"
+                        "  b:\n    params:\n      - params.yaml:\n")
+    assert config.stage_params("a", dvc_yaml) == ("seed", "data.image_size")
+    assert "train_unfrozen" in config.stage_params("b", dvc_yaml)
+    with pytest.raises(config.ParamsError, match="no stage 'c'"):
+        config.stage_params("c", dvc_yaml)
+    with pytest.raises(config.ParamsError, match="unknown params key 'data.nope'"):
+        config.select(config.Params(), ["data.nope"])
+
+
+OUTPUT_FOLDERS = re.compile(r"^(data|models|plots|metrics)/")
+
+
+def path_literals(path: Path) -> list[str]:
+    """String constants that spell out a pipeline path (docstrings aside)."""
+    tree = ast.parse(path.read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.FunctionDef, ast.ClassDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)}
+    return [node.value for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str)
+            and id(node) not in docstrings and OUTPUT_FOLDERS.match(node.value)]
+
+
+def test_pipeline_paths_are_spelled_out_only_in_the_paths_module():
+    files = [*sorted(PACKAGE.rglob("*.py")), *sorted((REPO / "stages").glob("*.py"))]
+    found = {str(f.relative_to(REPO)): path_literals(f) for f in files
+             if f != PACKAGE / "paths.py"}
+    assert {f: p for f, p in found.items() if p} == {}
+    assert path_literals(PACKAGE / "paths.py")  # the check sees them where they are

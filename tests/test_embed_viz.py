@@ -4,7 +4,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from retrieval import embed_viz, evaluation, metrics
+from retrieval import compared, embed_viz, evaluation, metrics
 from retrieval.outputs import UserError
 from retrieval.plots import evaluation as evaluation_plots
 
@@ -76,7 +76,7 @@ def test_scatter_with_many_classes_colours_only_the_largest():
     vectors, labels = clusters(n_classes=102, per_class=3, dim=4)
     labels[3:6] = "c000"  # c000 (6 images) is the largest class, 101 classes in all
     highlighted = embed_viz.highlighted_classes(labels, 10)
-    points = {name: embed_viz.project_2d(vectors, "pca", 0) for name in evaluation.MODELS}
+    points = {name: embed_viz.project_2d(vectors, "pca", 0) for name in compared.MODELS}
     figure = evaluation_plots.embedding_scatter(points, labels, highlighted, "PCA", "PC",
                                                 {"baseline": "silhouette 0.1"})
     legend = [t.get_text() for t in figure.legends[0].get_texts()]

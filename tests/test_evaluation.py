@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from retrieval import evaluation, metrics, models, outputs, search, transforms
+from retrieval import compared, evaluation, metrics, models, outputs, search, transforms
 from retrieval.cache import ImageCache
 from retrieval.config import EvaluateConfig, ModelConfig
 from retrieval.outputs import UserError
@@ -214,10 +214,10 @@ def test_embed_models_computes_the_three_embeddings(tiny_nets):
     table = split_table(per_class=3, classes="AB")
     rows = np.array([5, 0, 3])  # any order in, sorted out
     nets = {"train_frozen": frozen, "train_unfrozen": unfrozen}
-    assert evaluation.checkpoints() == tuple(nets)
+    assert compared.checkpoints() == tuple(nets)
     found = evaluation.embed_models(nets, ImageCache(pixels), table, rows, size,
                                     torch.device("cpu"), "fp32")
-    assert set(found) == set(evaluation.MODELS)
+    assert set(found) == set(compared.MODELS)
     x = transforms.normalize(transforms.eval_crop(size)(torch.from_numpy(pixels[[0, 3, 5]])),
                              transforms.NORMALIZATIONS["imagenet"])
     with torch.no_grad():
@@ -234,22 +234,22 @@ def test_embed_models_computes_the_three_embeddings(tiny_nets):
 def test_a_fourth_model_is_one_registry_entry(tiny_nets):
     # The fine-tuned network's own pooled backbone, as a fourth model: one ComparedModel.
     frozen, unfrozen = tiny_nets
-    compared = (*evaluation.COMPARED_MODELS,
-                evaluation.ComparedModel("unfrozen_backbone", "train_unfrozen", "backbone",
-                                         "unfrozen backbone"))
+    four = (*compared.COMPARED_MODELS,
+            compared.ComparedModel("unfrozen_backbone", "train_unfrozen", "backbone",
+                                   "unfrozen backbone"))
     side = transforms.cache_size(32)
     pixels = np.random.default_rng(1).integers(0, 256, (6, 3, side, side), dtype=np.uint8)
     table = split_table(per_class=3, classes="AB")
     found = evaluation.embed_models({"train_frozen": frozen, "train_unfrozen": unfrozen},
                                     ImageCache(pixels), table, np.arange(6), 32,
-                                    torch.device("cpu"), "fp32", compared)
-    assert list(found) == [*evaluation.MODELS, "unfrozen_backbone"]
+                                    torch.device("cpu"), "fp32", four)
+    assert list(found) == [*compared.MODELS, "unfrozen_backbone"]
     x = transforms.normalize(transforms.eval_crop(32)(torch.from_numpy(pixels)),
                              transforms.NORMALIZATIONS["imagenet"])
     with torch.no_grad():
         expected = F.normalize(unfrozen.features(x), dim=1).numpy()
     np.testing.assert_allclose(found["unfrozen_backbone"].vectors, expected, atol=1e-4)
-    assert evaluation.checkpoints(compared) == ("train_frozen", "train_unfrozen")
+    assert compared.checkpoints(compared) == ("train_frozen", "train_unfrozen")
     # Its metrics get a column and a difference from each model before it.
     table = evaluation.comparison_table({m.name: {"map": i / 10} for i, m in enumerate(compared)})
     assert [c for c in table.columns if c.startswith("unfrozen_backbone - ")] == [
@@ -259,7 +259,7 @@ def test_a_fourth_model_is_one_registry_entry(tiny_nets):
 
 def test_a_compared_model_needs_a_known_view():
     with pytest.raises(ValueError, match="view must be one of"):
-        evaluation.ComparedModel("mine", "train_frozen", "logits", "mine")
+        compared.ComparedModel("mine", "train_frozen", "logits", "mine")
 
 
 def test_embeddings_save_load_and_take(tmp_path):
@@ -340,11 +340,6 @@ def test_comparison_and_per_class_tables():
 
 def test_example_and_worst_queries():
     results, *_ = toy_results()
-    picks = evaluation.subsample(8, 3, seed=0, stream=evaluation.EXAMPLES_STREAM)
-    assert len(picks) == 3 and (np.diff(picks) > 0).all()
-    np.testing.assert_array_equal(picks, evaluation.subsample(8, 3, 0, evaluation.EXAMPLES_STREAM))
-    assert not np.array_equal(picks, evaluation.subsample(8, 3, 0, stream=11))  # another caller
-    np.testing.assert_array_equal(evaluation.subsample(5, 20, seed=0, stream=7), np.arange(5))
     per_query = results["baseline"].retrieval.per_query
     worst = evaluation.worst_queries(per_query, 3)
     assert per_query["ap"].iloc[worst].max() <= per_query["ap"].drop(index=worst).min()

@@ -12,7 +12,21 @@ def test_stream_numbers_and_fixed_epochs_never_change():
         "TRIPLETS": 4, "CLASS_BALANCED_BATCHES": 5}
     assert (rng.VAL_EPOCH, rng.TRAIN_EVAL_EPOCH) == (1_000_000, 1_000_001)
     assert (rng.EVALUATE_VAL_EPOCH, rng.EVALUATE_TEST_EPOCH) == (2_000_000, 2_000_001)
-    assert rng.torch_epoch_seed(42, 3) == 42 * 100_003 + 3
+    assert {s.name: s.value for s in rng.Subsample} == {
+        "SEGMENT_TRAIN": 0, "SEGMENT_VAL": 1, "SEGMENT_TEST": 2, "RETRIEVAL_EXAMPLES": 7,
+        "SEGMENT_PRIOR_MASKS": 9, "EMBED_VIZ_POINTS": 11, "SEGMENT_OVERLAYS": 12,
+        "VERIFY_NORMALIZATION": 13}
+    assert rng.torch_epoch_seed(42, 3, rng.TorchStream.AUGMENT) == 42 * 100_003 + 3
+    assert rng.torch_epoch_seed(42, 3, rng.TorchStream.DROPOUT) == 42 * 100_003 + 3 + 2**48
+
+
+def test_subsample_is_seeded_sorted_capped_and_apart_per_caller():
+    picks = rng.subsample(100, 10, seed=3, stream=rng.Subsample.SEGMENT_VAL)
+    assert len(picks) == 10 and (np.diff(picks) > 0).all()
+    np.testing.assert_array_equal(picks, rng.subsample(100, 10, 3, rng.Subsample.SEGMENT_VAL))
+    assert not np.array_equal(picks, rng.subsample(100, 10, 3, rng.Subsample.SEGMENT_TEST))
+    np.testing.assert_array_equal(rng.subsample(5, 10, 3, rng.Subsample.SEGMENT_VAL),
+                                  np.arange(5))
 
 
 def test_a_sampler_stream_is_numpys_generator_seeded_with_seed_epoch_stream():

@@ -244,13 +244,6 @@ def test_overlay_and_histogram_figures(tmp_path):
     assert len(figure.axes) == 2
 
 
-def test_choose_rows_is_seeded_sorted_and_capped():
-    first = experiment.choose_rows(100, 10, seed=3, stream=1)
-    assert len(first) == 10 and (np.diff(first) > 0).all()
-    np.testing.assert_array_equal(first, experiment.choose_rows(100, 10, seed=3, stream=1))
-    np.testing.assert_array_equal(experiment.choose_rows(5, 10, 3, 1), np.arange(5))
-
-
 # --- explainer files -------------------------------------------------------------------------
 
 

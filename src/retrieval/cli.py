@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from retrieval import outputs
+from retrieval import outputs, paths
 from retrieval.outputs import UserError
 
 # torch, FAISS and matplotlib load inside the commands, so `retrieval --help` starts at once.
@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 
     from retrieval.models import EmbeddingNet
 
-DEFAULT_MODEL = Path("models/train_unfrozen/best.pt")
-DEFAULT_INDEX = Path("data/index/gallery.faiss")  # gallery.csv and gallery.json lie next to it
+DEFAULT_MODEL = paths.checkpoint("train_unfrozen")
+DEFAULT_INDEX = paths.GALLERY_INDEX  # gallery.csv and gallery.json lie next to it
 RESULTS_PER_ROW = 8
 SHOWN_SIDE = 256  # px: images in the figures are shown at most this big
 
@@ -155,15 +155,13 @@ def shown(image: Image.Image) -> np.ndarray:
 
 
 def open_display(show: bool) -> bool:
-    """--show: switch matplotlib (Agg, set by retrieval.plots) to a GUI backend that can run.
+    """--show: switch matplotlib (Agg, set by ``outputs.run_main``) to a GUI backend that runs.
 
     Call before making the figure (switching backends closes open figures). False: save.
     """
     if not show:
         return False
     import matplotlib.pyplot as plt
-
-    import retrieval.plots  # noqa: F401  (sets Agg first, so it cannot undo the switch later)
 
     for backend in ("macosx", "qtagg", "gtk4agg", "gtk3agg", "tkagg", "wxagg"):
         try:
@@ -305,7 +303,7 @@ def _gallery_image(file: str) -> np.ndarray:
 # Its parser is built only when asked for: the --method choices come from the saliency registry
 # in retrieval.cam, which imports torch, and `retrieval --help` should start at once.
 
-DEFAULT_PROTOTYPES = Path("data/gradcam/prototypes/unfrozen.npz")
+DEFAULT_PROTOTYPES = paths.prototypes("unfrozen")
 
 
 def segment_parser() -> argparse.ArgumentParser:
@@ -455,8 +453,8 @@ def _refuse_stem_clashes(folder: Path) -> None:
     by_stem: dict[Path, list[Path]] = {}
     for path in _files(folder):
         by_stem.setdefault(path.relative_to(folder).with_suffix(""), []).append(path)
-    for stem, paths in by_stem.items():
-        images = [p for p in paths if len(paths) > 1 and _is_image(p)]
+    for stem, files in by_stem.items():
+        images = [p for p in files if len(files) > 1 and _is_image(p)]
         if len(images) > 1:
             raise UserError(f"{images[0]} and {images[1]} would both write the mask "
                             f"{stem.with_suffix('.png')} (same folder and stem): rename one")

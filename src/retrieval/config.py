@@ -12,6 +12,7 @@ import math
 import re
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -376,7 +377,31 @@ def flatten(mapping: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def select(params: Params, keys: tuple[str, ...]) -> dict[str, Any]:
-    """The flattened values of the top-level keys a stage reads (what it logs to MLflow)."""
-    full = to_dict(params)
-    return flatten({key: full[key] for key in keys})
+def select(params: Params, keys: Sequence[str]) -> dict[str, Any]:
+    """The flattened values of ``keys`` (top-level like ``train`` or dotted like
+    ``data.image_size``): what a stage logs to MLflow."""
+    selected: dict[str, Any] = {}
+    for key in keys:
+        value: Any = to_dict(params)
+        for part in key.split("."):
+            if not isinstance(value, dict) or part not in value:
+                raise ParamsError(f"unknown params key {key!r}")
+            value = value[part]
+        selected.update(flatten({key: value}) if isinstance(value, dict) else {key: value})
+    return selected
+
+
+def stage_params(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> tuple[str, ...]:
+    """The params keys ``stage`` declares in dvc.yaml: the one list of what it reads, what DVC
+    re-runs it for and what it logs. A ``params.yaml:`` entry with no keys means all of them."""
+    stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
+    if stage not in stages:
+        raise ParamsError(f"{dvc_yaml} has no stage {stage!r}")
+    keys: list[str] = []
+    for entry in stages[stage].get("params", []):
+        if isinstance(entry, str):
+            keys.append(entry)
+            continue
+        for names in entry.values():  # {params file: its keys, or None for all}
+            keys.extend(names or [f.name for f in dataclasses.fields(Params)])
+    return tuple(keys)

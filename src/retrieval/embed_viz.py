@@ -18,10 +18,10 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 
-from retrieval.evaluation import COMPARED_MODELS, ComparedModel, Embeddings, subsample
+from retrieval import rng
+from retrieval.compared import COMPARED_MODELS, ComparedModel
+from retrieval.evaluation import Embeddings
 from retrieval.outputs import UserError
-
-SAMPLE_STREAM = 11  # RNG stream of the subsample (see evaluation.subsample)
 
 
 def load_split_embeddings(paths: Mapping[str, str | Path], split: str) -> dict[str, Embeddings]:
@@ -40,7 +40,7 @@ def load_split_embeddings(paths: Mapping[str, str | Path], split: str) -> dict[s
 
 def sample(n: int, max_points: int, seed: int) -> np.ndarray:
     """At most ``max_points`` of ``n`` positions, a seeded uniform choice, sorted."""
-    return subsample(n, max_points, seed, SAMPLE_STREAM)
+    return rng.subsample(n, max_points, seed, rng.Subsample.EMBED_VIZ_POINTS)
 
 
 def highlighted_classes(labels: np.ndarray, count: int) -> list[str]:

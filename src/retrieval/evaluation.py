@@ -1,6 +1,5 @@
-"""Evaluation of the compared models side by side: ``COMPARED_MODELS``, the registry that says
-for each model which checkpoint it uses and how its embedding is computed (baseline, frozen,
-unfrozen; a fourth model is a fourth entry there).
+"""Evaluation of the compared models (``compared.COMPARED_MODELS``: which checkpoint each uses and
+how its embedding is computed) side by side.
 
 Every vector is L2-normalised, so Euclidean distances lie in [0, 2] and rank like cosine
 similarity. Embeddings are computed once per model (``embed_models``) and reused by every
@@ -19,7 +18,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -27,8 +25,9 @@ import pandas as pd
 import torch
 from sklearn.metrics import classification_report
 
-from retrieval import metrics, runtime, sampling, search
+from retrieval import metrics, rng, runtime, sampling, search
 from retrieval.cache import ImageCache
+from retrieval.compared import COMPARED_MODELS, ComparedModel, checkpoints
 from retrieval.config import EvaluateConfig
 from retrieval.embed import run_batched
 from retrieval.models import EmbeddingNet
@@ -36,63 +35,12 @@ from retrieval.outputs import UserError, atomic_path, file_digest, markdown_tabl
 from retrieval.plots import evaluation as evaluation_plots
 from retrieval.plots.evaluation import Tile
 
-# --------------------------------------------------------------------------- the compared models
-
-View = Literal["backbone", "head", "model"]
-
-
-@dataclass(frozen=True)
-class ComparedModel:
-    """One model of the comparison: all that evaluate and embed_viz need to know about it."""
-
-    name: str  # key in metrics/evaluate.json, column of the tables, data/embeddings/<name>.npz
-    checkpoint: str  # the training stage whose best.pt it embeds with
-    # How its embedding is computed from that checkpoint's network:
-    #   backbone  the pooled backbone features (``net.features``), the untrained descriptor
-    #   head      the trained head on those features, in float32 (``net.project``)
-    #   model     the whole network (``net(x)``), under the run's precision
-    view: View
-    label: str  # its column heading in comparison.md (short: the delta columns use names)
-    trained: bool = True  # False: the "before training" reference the others are compared with
-
-    def __post_init__(self) -> None:
-        if self.view not in get_args(View):
-            raise ValueError(f"ComparedModel {self.name!r}: view must be one of "
-                             f"{get_args(View)}, found {self.view!r}")
-
-
-# Order matters: tables and figures list the models in it, the comparison table shows every
-# model minus each model before it, and the figures show the first and the last side by side.
-COMPARED_MODELS = (
-    # The pooled backbone descriptor before any training: train_frozen never updates its trunk
-    # (nor its BatchNorm statistics), so its trunk *is* the untrained (or ImageNet-pretrained)
-    # backbone. With GeM pooling the pool's p is train_frozen's.
-    ComparedModel("baseline", "train_frozen", "backbone", "baseline", trained=False),
-    # train_frozen's embedding: the trained head on the frozen backbone.
-    ComparedModel("frozen", "train_frozen", "head", "frozen"),
-    # train_unfrozen's embedding: fine-tuned backbone and head.
-    ComparedModel("unfrozen", "train_unfrozen", "model", "unfrozen"),
-)
-MODELS = tuple(model.name for model in COMPARED_MODELS)
-SEARCHED = "unfrozen"  # whose gallery index `retrieval search` uses (with its checkpoint)
-
-
-def checkpoints(compared: Sequence[ComparedModel] = COMPARED_MODELS) -> tuple[str, ...]:
-    """The training stages whose checkpoints the compared models need, in first-use order."""
-    return tuple(dict.fromkeys(model.checkpoint for model in compared))
-
-
-def compared_model(name: str) -> ComparedModel:
-    return next(model for model in COMPARED_MODELS if model.name == name)
-
-
 FMRS = {"1e-2": 1e-2, "1e-3": 1e-3}  # false match rates at which FNMR is reported
 RECALL_KS = metrics.RECALL_KS
 SHOWN_NEIGHBORS = 10  # nearest neighbours kept per query for figures
 # Sampler "epochs" of the evaluation pairs: fixed, and apart from training's validation pairs.
 _PAIR_EPOCHS = {"val": 2_000_000, "test": 2_000_001}
 _QUERY_CHUNK = 2048
-EXAMPLES_STREAM = 7  # RNG stream of the example queries shown (see ``subsample``)
 
 # Metrics of the comparison table, in order, with the direction that is better.
 COMPARED = {
@@ -103,15 +51,6 @@ COMPARED = {
     **{f"recall_at_{k}": "higher" for k in RECALL_KS}, "map": "higher", "map_at_r": "higher",
 }
 WITH_CI = ("accuracy", "f1", "precision_at_1", "map")
-
-
-def subsample(n: int, limit: int, seed: int, stream: int) -> np.ndarray:
-    """Sorted positions of a seeded uniform choice of ``min(n, limit)`` of ``n`` items (all of
-    them, in order, when ``n <= limit``). ``stream`` keeps the choices of different callers
-    independent for one seed."""
-    if n <= limit:
-        return np.arange(n)
-    return np.sort(np.random.default_rng([seed, stream]).choice(n, size=limit, replace=False))
 
 
 # --------------------------------------------------------------------------- embeddings
@@ -519,7 +458,7 @@ def figures(results: dict[str, ModelResult], images: ImageCache, queries: pd.Dat
     scores = {model: r.metrics for model, r in results.items()}
     first, last = list(results)[0], list(results)[-1]
     shown = list(dict.fromkeys((first, last)))  # before training and the last trained model
-    picks = subsample(len(queries), examples, seed, EXAMPLES_STREAM)
+    picks = rng.subsample(len(queries), examples, seed, rng.Subsample.RETRIEVAL_EXAMPLES)
     worst = worst_queries(results[last].retrieval.per_query, examples)
     ap = results[last].retrieval.per_query["ap"]
     k = min(5, results[last].retrieval.neighbors.shape[1])

@@ -12,18 +12,15 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import signal
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
 
 
 class UserError(ValueError):
@@ -35,15 +32,25 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to `path`; move it into place only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    os.chmod(temp, 0o666 & ~_UMASK)  # mkstemp makes 0600; outputs are ordinary files
+    temp = _new_file(path.parent / f".{path.name}")
     try:
         yield Path(temp)
         os.replace(temp, path)
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+
+
+def _new_file(prefix: Path) -> str:
+    """Create an empty, unique ``<prefix>.<random>.tmp`` with the permissions of any new file
+    (0666 less the umask: mkstemp's 0600 would survive the rename)."""
+    while True:
+        name = f"{prefix}.{secrets.token_hex(6)}.tmp"
+        try:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return name
+        except FileExistsError:
+            continue
 
 
 def _jsonable(value: Any) -> Any:
@@ -108,6 +115,8 @@ def run_main(main: Callable[[], None]) -> None:
     # A shell that starts a job in the background without job control makes it ignore SIGINT,
     # and that is inherited through `dvc repro`: restore it so Ctrl-C always stops cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    # Stages and commands draw into files: no GUI backend (`retrieval ... --show` switches).
+    os.environ.setdefault("MPLBACKEND", "Agg")
     try:
         main()
     except (UserError, FileNotFoundError) as error:

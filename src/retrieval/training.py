@@ -34,7 +34,17 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from retrieval import losses, metrics, models, outputs, rng, runtime, sampling, transforms
+from retrieval import (
+    losses,
+    metrics,
+    models,
+    outputs,
+    paths,
+    rng,
+    runtime,
+    sampling,
+    transforms,
+)
 from retrieval.cache import ImageCache
 from retrieval.config import AugmentConfig, TrainConfig
 from retrieval.embed import run_batched
@@ -65,99 +75,8 @@ class FrozenEncoder:
         self.model.train(training)
         self.model.trunk.eval()  # frozen: BatchNorm statistics stay ImageNet's / initial
 
-
-class BatchAugment:
-    """Random resized crop, horizontal flip and colour jitter of a whole uint8 batch at once,
-    ending in the normalised model input.
-
-    The distributions of ``transforms.train_augment`` (torchvision's RandomResizedCrop with
-    scale (crop_scale_min, 1) and ratio (3/4, 4/3), 10 tries then the whole image;
-    RandomHorizontalFlip; ColorJitter(j, j, j) in a random order per image), drawn for every
-    image as tensors from torch's RNG and applied in three batched ops: crop + resize + flip as
-    one bilinear ``grid_sample``; then jitter and the backbone's normalisation, all linear in
-    the RGB vector, as one per-image 3x3 matrix and offset (a grouped 1x1 convolution); then a
-    clamp to the range of valid pixels.
-    Two differences from torchvision, both immaterial here: no antialiasing (the crop is never
-    more than the cache's 8/7 larger than the output) and one clamp at the end instead of one
-    after each jitter. torchvision's per-image transforms in a Python loop cost ~5 ms an image,
-    ~20% of a ResNet-18 training step at 160 px on 2 CPU cores; this costs a few percent.
-    """
-
-    GRAY = (0.2989, 0.587, 0.114)  # ITU-R 601 luma weights, as torchvision's rgb_to_grayscale
-
-    def __init__(self, image_size: int, augment: AugmentConfig,
-                 normalization: transforms.Normalization):
-        self.size, self.scale_min = image_size, augment.crop_scale_min
-        self.normalization = normalization
-        self.flip, self.jitter = augment.flip, augment.color_jitter
-
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, S, S) on any device -> normalised float32 (B, 3, s, s), channels_last."""
-        n, _, height, width = batch.shape
-        grid = self._sampling_grid(n, height, width).to(batch.device)  # (B, s, s, 2)
-        x = F.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="border",
-                          align_corners=False)  # (B, 3, s, s) in [0, 255]
-        matrix, offset = self._colour_map(x.mean(dim=(2, 3)).cpu())  # (B, 3, 3), (B, 3)
-        # Per image y = matrix @ rgb + offset at every pixel: a 1x1 convolution with one group
-        # per image (far faster on a CPU than a batched matmul with an inner size of 3).
-        y = F.conv2d(x.view(1, 3 * n, self.size, self.size),
-                     matrix.reshape(3 * n, 3, 1, 1).to(batch.device),
-                     offset.reshape(3 * n).to(batch.device), groups=n).view_as(x)
-        low, high = self._normalised_range(batch.device)
-        return y.clamp_(low, high).contiguous(memory_format=torch.channels_last)
-
-    def _sampling_grid(self, n: int, height: int, width: int) -> torch.Tensor:
-        """Where each output pixel samples the input, in grid_sample's [-1, 1] coordinates."""
-        area = height * width * torch.empty(n, 10).uniform_(self.scale_min, 1.0)
-        ratio = torch.exp(torch.empty(n, 10).uniform_(math.log(3 / 4), math.log(4 / 3)))
-        w, h = torch.sqrt(area * ratio).round(), torch.sqrt(area / ratio).round()
-        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        first = fits.float().argmax(dim=1, keepdim=True)  # the first of the 10 tries that fits
-        any_fits = fits.any(dim=1)
-        w = torch.where(any_fits, w.gather(1, first)[:, 0], torch.tensor(float(width)))
-        h = torch.where(any_fits, h.gather(1, first)[:, 0], torch.tensor(float(height)))
-        top = torch.floor(torch.rand(n) * (height - h + 1))
-        left = torch.floor(torch.rand(n) * (width - w + 1))
-        steps = (torch.arange(self.size) + 0.5) / self.size  # output pixel centres in (0, 1)
-        xs = (left[:, None] + w[:, None] * steps) * 2 / width - 1  # (B, s)
-        ys = (top[:, None] + h[:, None] * steps) * 2 / height - 1  # (B, s)
-        if self.flip:
-            xs = torch.where((torch.rand(n) < 0.5)[:, None], xs.flip(1), xs)
-        return torch.stack(torch.broadcast_tensors(xs[:, None, :], ys[:, :, None]), dim=-1)
-
-    def _colour_map(self, mean_rgb: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per image, the jitters then the normalisation as one affine map of the RGB vector."""
-        n = len(mean_rgb)
-        matrix, offset = torch.eye(3).repeat(n, 1, 1), torch.zeros(n, 3)
-        if self.jitter > 0:
-            gray = torch.tensor(self.GRAY)
-            low = max(0.0, 1 - self.jitter)
-            factors = torch.empty(n, 3).uniform_(low, 1 + self.jitter)
-            order = torch.argsort(torch.rand(n, 3), dim=1)  # jitter order, per image
-            for step in range(3):
-                kind = order[:, step]
-                f = factors.gather(1, kind[:, None])  # (B, 1)
-                # brightness: f x; contrast: f x + (1 - f) mean grey; saturation:
-                # f x + (1 - f) grey(x). Each maps (matrix, offset) to a new pair.
-                mean_gray = (matrix @ mean_rgb[:, :, None])[:, :, 0] @ gray + offset @ gray
-                to_gray = torch.outer(torch.ones(3), gray)  # grey(x) in every channel
-                saturation = (f[:, :, None] * torch.eye(3)
-                              + (1 - f)[:, :, None] * to_gray)  # (B, 3, 3)
-                new_matrix = torch.where((kind == 2)[:, None, None], saturation @ matrix,
-                                         f[:, :, None] * matrix)
-                new_offset = torch.where((kind == 2)[:, None], (saturation @ offset[:, :, None])
-                                         [:, :, 0], f * offset)
-                new_offset = new_offset + torch.where((kind == 1)[:, None],
-                                                      (1 - f) * mean_gray[:, None], 0.0)
-                matrix, offset = new_matrix, new_offset
-        mean = torch.tensor(self.normalization.mean)
-        scale = 1 / (255 * torch.tensor(self.normalization.std))
-        return scale[None, :, None] * matrix, scale * offset - mean * 255 * scale
-
-    def _normalised_range(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pixel values 0 and 255 after normalisation, per channel (1, 3, 1, 1)."""
-        mean, std = self.normalization.tensors(device)
-        return (0 - mean) / std, (1 - mean) / std
+    def reseed(self, seed: int) -> None:
+        """Nothing random: the features are fixed."""
 
 
 class ImageEncoder:
@@ -169,7 +88,7 @@ class ImageEncoder:
         self.model, self.images, self.image_size = model, images, image_size
         self.frozen_trunk = frozen_trunk
         self.device, self.precision = device, precision
-        self.augment = (BatchAugment(image_size, augment, self.net.normalization)
+        self.augment = (transforms.BatchAugment(image_size, augment, self.net.normalization)
                         if augment.enabled else None)
         self.crop = transforms.eval_crop(image_size)
 
@@ -194,6 +113,11 @@ class ImageEncoder:
         net = self.net
         return run_batched(lambda x: net(x, normalize=False), self.images, indices,
                            self.image_size, self.device, self.precision, net.normalization)
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation's random stream (``fit`` does, every epoch)."""
+        if self.augment is not None:
+            self.augment.reseed(seed)
 
     def set_train(self, training: bool) -> None:
         self.model.train(training)
@@ -517,9 +441,9 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
             stopped = "early_stopping"
             break
         started = time.perf_counter()
-        # Dropout and augmentation draw from torch's RNG: seed it per epoch so a resumed run
-        # continues exactly like an uninterrupted one.
-        torch.manual_seed(rng.torch_epoch_seed(seed, epoch))
+        # Seeded per epoch, so a resumed run continues exactly like an uninterrupted one.
+        torch.manual_seed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.DROPOUT))
+        encoder.reseed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.AUGMENT))
         encoder.set_train(False)
         work = epoch_work(cfg, train_idx, labels, seed, epoch,  # miners see normalised vectors
                           lambda: _normalized(encoder.eval_project(train_idx)), batch_size)
@@ -708,33 +632,34 @@ def frozen_features(net: EmbeddingNet, images: ImageCache, indices: np.ndarray,
                        net.normalization, desc="backbone features (once)")
 
 
-def best_checkpoint_writer(stage: str, net: EmbeddingNet, data: TrainingData,
+def best_checkpoint_writer(checkpoint: Path, stage: str, net: EmbeddingNet, data: TrainingData,
                            image_size: int) -> Callable[[dict, int, dict], None]:
     """``fit``'s ``save_best``: when training stops on a non-finite value, the best weights so
-    far go to ``models/<stage>/best.pt``, so the failed run still leaves a usable model."""
-    return lambda state, epoch, row: _write_best(stage, net, state, data, image_size,
-                                                 epoch=epoch, metrics=row)
+    far go to ``checkpoint``, so the failed run still leaves a usable model."""
+    return lambda state, epoch, row: _write_best(checkpoint, stage, net, state, data,
+                                                 image_size, epoch=epoch, metrics=row)
 
 
-def _write_best(stage: str, net: EmbeddingNet, state: dict, data: TrainingData,
-                image_size: int, **meta) -> None:
+def _write_best(checkpoint: Path, stage: str, net: EmbeddingNet, state: dict,
+                data: TrainingData, image_size: int, **meta) -> None:
     net.load_state_dict(state)
-    models.save_checkpoint(Path("models") / stage / "best.pt", net, {
+    models.save_checkpoint(checkpoint, net, {
         **meta, "stage": stage, "classes": data.classes, "image_size": image_size})
 
 
-def finish_stage(stage: str, net: EmbeddingNet, result: FitResult, data: TrainingData,
-                 image_size: int, title: str, run, extra_metrics: dict | None = None) -> dict:
-    """After ``fit``: the best weights and the threshold chosen on val into
-    ``models/<stage>/best.pt``, the history CSV and curves under ``plots/<stage>/``, the metrics
-    and timing JSON, and all of it to the stage's MLflow ``run``. Returns the metrics."""
-    _write_best(stage, net, result.best_state, data, image_size, epoch=result.best_epoch,
-                threshold=result.threshold)
-    plots = Path("plots") / stage
+def finish_stage(stage: str, checkpoint: Path, net: EmbeddingNet, result: FitResult,
+                 data: TrainingData, image_size: int, title: str, run,
+                 extra_metrics: dict | None = None) -> dict:
+    """After ``fit``: the best weights and the threshold chosen on val into ``checkpoint``, the
+    history CSV and curves under the stage's plots, the metrics and timing JSON, and all of it to
+    the stage's MLflow ``run``. Returns the metrics."""
+    _write_best(checkpoint, stage, net, result.best_state, data, image_size,
+                epoch=result.best_epoch, threshold=result.threshold)
+    plots = paths.plots(stage)
     write_history(result.history, plots / "history.csv", plots / "curves.png", title)
     summary = {**summary_metrics(result), **(extra_metrics or {})}
-    outputs.write_json(f"metrics/{stage}.json", summary)
-    outputs.write_json(f"metrics/timing/{stage}.json", timing_metrics(result))
+    outputs.write_json(paths.metrics(stage), summary)
+    outputs.write_json(paths.timing(stage), timing_metrics(result))
     run.log_metrics(summary, to_parent=True)
     run.log_metrics(timing_metrics(result))
     run.log_artifact(plots)

@@ -14,9 +14,6 @@ from retrieval.report.inputs import Inputs, lr_changes
 def lr_schedule(inputs: Inputs) -> Any | None:
     """Learning rate (log) over the train and val losses, per training stage, with the epochs
     where it changed marked; None when no history has a learning rate."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     histories = inputs.histories

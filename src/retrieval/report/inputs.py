@@ -14,7 +14,9 @@ from typing import Any
 
 import pandas as pd
 
-MODELS = ("baseline", "frozen", "unfrozen")  # the models evaluate.json compares, in this order
+from retrieval import compared
+
+MODELS = compared.MODELS  # the models evaluate.json compares, in this order
 TRAIN_STAGES = ("train_frozen", "train_unfrozen")
 # The pipeline's stages in dvc.yaml order: the order stages are listed in (a stage not named
 # here comes after them; its metrics are read all the same).

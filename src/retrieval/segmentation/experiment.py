@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from retrieval import cam, data, transforms
+from retrieval import cam, data, rng, transforms
 from retrieval.cache import ImageCache
 from retrieval.config import GradcamConfig
 from retrieval.segmentation.explainers import Explainer, explain, with_prototypes
@@ -37,17 +37,11 @@ class SplitImages:
         return self.rows["label"].tolist()
 
 
-def choose_rows(count: int, limit: int, seed: int, stream: int) -> np.ndarray:
-    """Sorted positions of a seeded choice of ``min(count, limit)`` of ``count`` items."""
-    if count <= limit:
-        return np.arange(count)
-    return np.sort(np.random.default_rng([seed, stream]).choice(count, limit, replace=False))
-
-
 def split_images(table: pd.DataFrame, split: str, max_images: int, seed: int,
                  image_size: int) -> SplitImages:
     positions = np.flatnonzero(table["split"].to_numpy() == split)
-    positions = positions[choose_rows(len(positions), max_images, seed, data.SPLITS.index(split))]
+    positions = positions[rng.subsample(len(positions), max_images, seed,
+                                        rng.Subsample[f"SEGMENT_{split.upper()}"])]
     rows = table.iloc[positions].reset_index(drop=True)
     has_truth = (rows["mask_file"] != "").to_numpy()
     truth = np.zeros((len(rows), image_size, image_size), dtype=bool)
@@ -110,7 +104,8 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
     val = split_images(table, "val", settings.max_images, seed, image_size)
     test = split_images(table, "test", settings.max_images, seed, image_size)
     train = table[table["split"] == "train"]
-    train_masks = train["mask_file"].iloc[choose_rows(len(train), settings.max_images, seed, 9)]
+    train_masks = train["mask_file"].iloc[rng.subsample(len(train), settings.max_images, seed,
+                                                        rng.Subsample.SEGMENT_PRIOR_MASKS)]
     fraction = foreground_fraction(train_masks.tolist(), image_size)
 
     # Prototypes from the training images; a class with none there (class-disjoint splits) gets
@@ -120,7 +115,7 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
     explainers = [with_prototypes(e, images, reference, table["label"].iloc[reference].tolist(),
                                   image_size, precision) for e in explainers]
 
-    shown = choose_rows(len(test.rows), settings.overlays, seed, 7)
+    shown = rng.subsample(len(test.rows), settings.overlays, seed, rng.Subsample.SEGMENT_OVERLAYS)
     crop = transforms.eval_crop(image_size)
     overlays = Overlays(crop(images.batch(test.indices[shown])).numpy() if len(shown) else
                         np.zeros((0, 3, image_size, image_size), np.uint8),

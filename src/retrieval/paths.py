@@ -1,0 +1,54 @@
+"""Every file the stages hand each other, in one place (dvc.yaml declares the same paths as deps
+and outs; tests/test_dag.py checks that no other module spells one out).
+
+All paths are relative to the repository root, where DVC runs the stages. Library functions take
+their paths as arguments; the stage scripts pass these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+PREPARED = Path("data/prepared")  # prepare: the indexed dataset
+INDEX_CSV = PREPARED / "index.csv"  # path, label, mask of every usable image
+DATASET_JSON = PREPARED / "dataset.json"  # the dataset card (root, digest, counts)
+EXCLUDED_CSV = PREPARED / "excluded.csv"  # files prepare could not use, and why
+SPLIT_CSV = Path("data/split.csv")  # split: one row per image, train | val | test
+
+EVAL = Path("data/eval")  # evaluate: the seeded pairs, queries and gallery
+EMBEDDINGS = Path("data/embeddings")  # evaluate: <model>.npz for embed_viz and the CLI
+GALLERY_INDEX = Path("data/index/gallery.faiss")  # evaluate: `retrieval search`'s index
+GRADCAM = Path("data/gradcam")  # gradcam_segment: masks, prototypes, per-image scores
+
+REPORT = Path("report")  # report: report.html, Report.pdf, report.md and its figures
+METRICS = Path("metrics")
+PLOTS = Path("plots")
+
+
+def checkpoint(stage: str) -> Path:
+    """A training stage's best weights and its val-chosen threshold."""
+    return Path("models") / stage / "best.pt"
+
+
+def metrics(stage: str) -> Path:
+    """A stage's metrics JSON (identical across identical runs)."""
+    return METRICS / f"{stage}.json"
+
+
+def timing(stage: str) -> Path:
+    """A stage's wall-clock numbers, apart from its metrics."""
+    return METRICS / "timing" / f"{stage}.json"
+
+
+def plots(stage: str) -> Path:
+    """A stage's figures and tables."""
+    return PLOTS / stage
+
+
+def embeddings(model: str) -> Path:
+    return EMBEDDINGS / f"{model}.npz"
+
+
+def prototypes(model: str) -> Path:
+    """gradcam_segment: the class prototypes and chosen binarisation of one compared model."""
+    return GRADCAM / "prototypes" / f"{model}.npz"
