@@ -5,10 +5,12 @@ section) is one registry entry in one of them.
 
     config       typed, validated params.yaml (the dataclass defaults equal params.yaml)
     workspace    where the project, the datasets and the shared caches are
+    paths        every file the stages hand each other (dvc.yaml's deps and outs)
     outputs      atomic writes, one-line user errors, JSON/CSV/Markdown outputs
     data         indexing a folder or the sample, loading images and masks, splits
     synthetic    the bundled sample dataset (shapes x patterns, with exact masks)
-    transforms   pixels -> model inputs; NORMALIZATIONS (one per backbone family)
+    transforms   pixels -> model inputs; NORMALIZATIONS (one per backbone family); batched
+                 augmentation with its own generator
     cache        the decoded-image cache and cached arrays (frozen features)
     models       the embedding network; BACKBONES (registry); checkpoints
     runtime      device, bf16 autocast, channels_last, torchrun/DDP
@@ -16,10 +18,11 @@ section) is one registry entry in one of them.
     rng          every named random stream
     sampling     pairs, triplets, class-balanced batches, hard-negative mining
     losses       LOSSES (registry): contrastive, triplet, in-batch, SupCon, cross entropy
-    training     the training loop (fit), encoders, batched augmentation
+    training     the training loop (fit), encoders
     metrics      verification and retrieval metrics, bootstrap CIs
     search       exact FAISS k-NN and the saved gallery index
-    evaluation   COMPARED_MODELS (registry): baseline / frozen / fine-tuned, and their scores
+    compared     COMPARED_MODELS (registry): baseline / frozen / fine-tuned
+    evaluation   pair verification and retrieval of the compared models, their tables
     embed_viz    t-SNE / PCA layouts and silhouette scores
     cam          SALIENCY_METHODS (registry), binarisation, IoU and the trivial baselines
     segmentation geometry, explainers, the val-chosen experiment, its summary

@@ -11,9 +11,7 @@ never see half a cache.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from retrieval.data import load_rgb
+from retrieval.outputs import atomic_path, write_json
 from retrieval.transforms import cache_size, decode_transform
 
 _FORMAT_VERSION = "1"  # bump when decode_transform changes
@@ -88,9 +87,7 @@ def _decode_into(file: Path, paths: list[Path], image_size: int, shape: tuple,
                  workers: int | None, progress: bool) -> None:
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     loader = DataLoader(_DecodeDataset(paths, image_size), batch_size=64, num_workers=workers)
-    handle, temp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
-    os.close(handle)
-    try:
+    with atomic_path(file) as temp:
         array = np.memmap(temp, dtype=np.uint8, mode="w+", shape=shape)
         start = 0
         for batch in tqdm(loader, desc="decode images (once)", disable=not progress,
@@ -99,12 +96,8 @@ def _decode_into(file: Path, paths: list[Path], image_size: int, shape: tuple,
             start += len(batch)
         array.flush()
         del array
-        os.replace(temp, file)
-        file.with_suffix(".json").write_text(json.dumps(
-            {"images": len(paths), "shape": list(shape), "image_size": image_size}))
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    write_json(file.with_suffix(".json"),
+               {"images": len(paths), "shape": list(shape), "image_size": image_size})
 
 
 def images_for(files: list[str], image_size: int, progress: bool = True) -> ImageCache:
@@ -126,14 +119,6 @@ def array_for(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
         except (OSError, ValueError, EOFError):
             pass  # unreadable or tampered with: recompute and replace it
     array = compute()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=file.parent, prefix=file.name, suffix=".tmp")
-    os.close(handle)
-    try:
-        with open(temp, "wb") as stream:
-            np.save(stream, array)
-        os.replace(temp, file)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    with atomic_path(file) as temp, open(temp, "wb") as stream:
+        np.save(stream, array)
     return array

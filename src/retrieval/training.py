@@ -446,7 +446,7 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         encoder.reseed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.AUGMENT))
         encoder.set_train(False)
         work = epoch_work(cfg, train_idx, labels, seed, epoch,  # miners see normalised vectors
-                          lambda: _normalized(encoder.eval_project(train_idx)), batch_size)
+                          lambda: metrics.l2_normalize(encoder.eval_project(train_idx)), batch_size)
         # DDP: every rank takes every world_size-th step; equal counts or the all-reduce hangs.
         world = runtime.world_size()
         items = work.items[:len(work.items) // world * world][runtime.rank()::world]
@@ -536,13 +536,9 @@ def _full_state(net: nn.Module, best: Best) -> dict[str, torch.Tensor]:
     return {**{k: v.detach().cpu() for k, v in net.state_dict().items()}, **best.state}
 
 
-def _normalized(z: np.ndarray) -> np.ndarray:
-    return (z / np.linalg.norm(z, axis=1, keepdims=True).clip(1e-12)).astype(np.float32)
-
-
 def _mean_pairwise_distance(z: np.ndarray) -> float:
     """Root mean squared pairwise distance of the normalised embeddings, without N x N."""
-    centred = _normalized(z) - _normalized(z).mean(axis=0)
+    centred = metrics.l2_normalize(z) - metrics.l2_normalize(z).mean(axis=0)
     # Mean pairwise squared distance = 2 * mean squared distance to the centroid.
     return float(np.sqrt(2 * (centred**2).sum(axis=1).mean()))
 

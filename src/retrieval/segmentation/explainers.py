@@ -9,7 +9,6 @@ binarisation per method, tied to one checkpoint file by its digest.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -141,14 +140,6 @@ def explain(explainer: Explainer, method: str, views: torch.Tensor,
 # --- explainer files: what `retrieval segment` needs besides the checkpoint --------------------
 
 
-def file_digest(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_explainer(path: str | Path, explainer: Explainer, model_file: str | Path,
                    binarizations: dict[str, str]) -> None:
     """Prototypes, view and the chosen binarisation per method, tied to one checkpoint file."""
@@ -156,7 +147,7 @@ def save_explainer(path: str | Path, explainer: Explainer, model_file: str | Pat
     prototypes = (np.stack([explainer.prototypes[label] for label in labels]) if labels
                   else np.zeros((0, 0), np.float32))
     meta = {"name": explainer.name, "target": explainer.target, "view": explainer.view,
-            "model_sha256": file_digest(model_file), "binarization": binarizations}
+            "model_sha256": outputs.file_digest(model_file), "binarization": binarizations}
     with outputs.atomic_path(path) as temp, open(temp, "wb") as stream:
         np.savez(stream, labels=np.array(labels, dtype=str), prototypes=prototypes,
                  meta=np.array(json.dumps(meta, sort_keys=True)))
@@ -181,7 +172,7 @@ def load_explainer(model_file: str | Path, explainer_file: str | Path | None
     except (OSError, KeyError, ValueError) as error:
         raise UserError(f"{explainer_file} is not a prototypes file written by gradcam_segment "
                         f"({type(error).__name__})") from error
-    if meta["model_sha256"] != file_digest(model_file):
+    if meta["model_sha256"] != outputs.file_digest(model_file):
         raise UserError(f"{explainer_file} was computed for another model file than "
                         f"{model_file}: pass the matching --model, or re-run "
                         "`dvc repro gradcam_segment`")

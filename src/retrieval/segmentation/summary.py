@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from retrieval import outputs
 from retrieval.segmentation.experiment import SegmentationResult
 
 
@@ -83,8 +84,5 @@ def markdown_table(table: pd.DataFrame) -> str:
             return "" if np.isnan(value) else f"{value:.3f}"
         return "" if value is None else str(value)
 
-    lines = ["| " + " | ".join(table.columns) + " |",
-             "|" + "|".join("---" for _ in table.columns) + "|"]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |"
-              for row in table.itertuples(index=False)]
-    return "\n".join(lines) + "\n"
+    return outputs.markdown_table(list(table.columns), ([cell(v) for v in row]
+                                                        for row in table.itertuples(index=False)))
