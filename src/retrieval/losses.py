@@ -23,6 +23,7 @@ feeds it (``pairs`` from ``sampling.sample_pairs``, ``triplets`` from
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -58,7 +59,7 @@ def _no_tuples(name: str, tuples: torch.Tensor | None) -> None:
                          f"{tuple(tuples.shape)}: pass tuples=None")
 
 
-class TupleLoss(nn.Module):
+class TupleLoss(nn.Module, abc.ABC):
     """A loss that is the mean of one term per tuple (pair or triplet) of embedding rows."""
 
     width: int  # 2 for pairs, 3 for triplets
@@ -78,8 +79,9 @@ class TupleLoss(nn.Module):
         return self._terms([embeddings[tuples[:, k]] for k in range(self.width)],
                            [labels[tuples[:, k]] for k in range(self.width)])
 
+    @abc.abstractmethod
     def _terms(self, rows: list[torch.Tensor], labels: list[torch.Tensor]) -> torch.Tensor:
-        raise NotImplementedError
+        """One term per tuple (B,) from its rows' embeddings and labels, each (B, D) / (B,)."""
 
 
 class ContrastiveLoss(TupleLoss):
