@@ -108,6 +108,8 @@ def test_stage_params_reads_keys_and_whole_files(tmp_path):
     assert "train_unfrozen" in config.stage_params("b", dvc_yaml)
     with pytest.raises(config.ParamsError, match="no stage 'c'"):
         config.stage_params("c", dvc_yaml)
+    with pytest.raises(config.ParamsError, match="run stages from the repository root"):
+        config.stage_params("a", tmp_path / "elsewhere" / "dvc.yaml")
     with pytest.raises(config.ParamsError, match="unknown params key 'data.nope'"):
         config.select(config.Params(), ["data.nope"])
 

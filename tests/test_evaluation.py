@@ -249,9 +249,9 @@ def test_a_fourth_model_is_one_registry_entry(tiny_nets):
     with torch.no_grad():
         expected = F.normalize(unfrozen.features(x), dim=1).numpy()
     np.testing.assert_allclose(found["unfrozen_backbone"].vectors, expected, atol=1e-4)
-    assert compared.checkpoints(compared) == ("train_frozen", "train_unfrozen")
+    assert compared.checkpoints(four) == ("train_frozen", "train_unfrozen")
     # Its metrics get a column and a difference from each model before it.
-    table = evaluation.comparison_table({m.name: {"map": i / 10} for i, m in enumerate(compared)})
+    table = evaluation.comparison_table({m.name: {"map": i / 10} for i, m in enumerate(four)})
     assert [c for c in table.columns if c.startswith("unfrozen_backbone - ")] == [
         "unfrozen_backbone - baseline", "unfrozen_backbone - frozen",
         "unfrozen_backbone - unfrozen"]

@@ -394,6 +394,9 @@ def select(params: Params, keys: Sequence[str]) -> dict[str, Any]:
 def stage_params(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> tuple[str, ...]:
     """The params keys ``stage`` declares in dvc.yaml: the one list of what it reads, what DVC
     re-runs it for and what it logs. A ``params.yaml:`` entry with no keys means all of them."""
+    if not Path(dvc_yaml).is_file():
+        raise ParamsError(f"{dvc_yaml}: not found in {Path.cwd()}; run stages from the "
+                          "repository root, as dvc repro does")
     stages = yaml.safe_load(Path(dvc_yaml).read_text())["stages"]
     if stage not in stages:
         raise ParamsError(f"{dvc_yaml} has no stage {stage!r}")

@@ -68,8 +68,9 @@ def test_two_forced_repros_give_identical_outputs(pipeline_repo, tmp_path):
 
 @pytest.mark.e2e
 def test_a_different_seed_gives_a_different_split(pipeline_repo, tmp_path, mlflow_db_template):
-    """split.py run outside the repository on a copy of its index: seed 42 reproduces the
-    pipeline's split byte for byte, seed 43 gives another one with the same class counts."""
+    """split.py run outside the repository on a copy of its index and dvc.yaml: seed 42
+    reproduces the pipeline's split byte for byte, seed 43 gives another one with the same class
+    counts."""
     splits = {}
     for seed in (42, 43):
         work = tmp_path / f"seed{seed}"
@@ -77,6 +78,7 @@ def test_a_different_seed_gives_a_different_split(pipeline_repo, tmp_path, mlflo
         (work / "mlruns").mkdir()
         shutil.copy(mlflow_db_template, work / "mlruns" / "mlflow.db")
         shutil.copy(pipeline_repo / "data/prepared/index.csv", work / "data/prepared")
+        shutil.copy(pipeline_repo / "dvc.yaml", work)  # which params the stage reads
         params = yaml.safe_load((pipeline_repo / "params.yaml").read_text())
         (work / "params.yaml").write_text(yaml.safe_dump({**params, "seed": seed}))
         run([sys.executable, str(pipeline_repo / "stages" / "split.py")], cwd=work)
