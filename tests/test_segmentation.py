@@ -220,10 +220,14 @@ def test_evaluate_scores_every_model_method_and_the_trivial_baselines(tmp_path):
     assert summary.markdown_table(iou_table).count("\n") == len(iou_table) + 2
 
 
-def test_evaluate_without_masks_still_writes_masks_and_says_iou_was_not_computed(tmp_path):
+def test_evaluate_without_masks_explains_only_the_overlay_images(tmp_path):
     _, result, written = run_evaluate(tmp_path, masks=False, methods=("gradcam",))
     assert not result.iou_computed and result.scores.empty and result.baselines.empty
-    assert len(written) == 2 * 3
+    # Nothing to score: no val image is explained, and of the 3 test images only the 2 that the
+    # overlay figures show (each still gets its mask written).
+    assert result.images == {"val": 0, "val_scored": 0, "test": 2, "test_scored": 0}
+    assert len(written) == 2 * 2
+    assert result.overlays.views.shape[0] == 2
     assert list(result.choices["binarization"]) == ["otsu", "otsu"]  # the first candidate
     metrics = summary.metrics(result)
     assert metrics["iou_computed"] is False and "not computed" in metrics["reason"]
