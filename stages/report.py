@@ -28,8 +28,8 @@ def main() -> None:
         run_info = report.RunInfo(tracking.git_commit(),
                                   os.environ.get("DVC_EXP_NAME") or "workspace",
                                   tracking.pipeline_run_ids(flat))
-        experiments = report.experiments_table(tracking.pipeline_runs(),
-                                               run_info.run_ids.get("pipeline"))
+        experiments = report.experiments_table(
+            report.on_same_data(tracking.pipeline_runs(), flat), run_info.run_ids.get("pipeline"))
         inputs = report.load_inputs(paths.METRICS, paths.PLOTS, flat, run_info, experiments,
                                     paths.EXCLUDED_CSV)
         shutil.rmtree(FIGURES, ignore_errors=True)  # figures of a stage that no longer exists

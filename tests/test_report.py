@@ -138,6 +138,18 @@ def test_experiment_comparison_from_mlflow_runs(project):
     assert any("differ only in lr" in note for note in summary.blocks[0].items)
 
 
+def test_only_runs_on_the_same_data_are_compared():
+    here = {"data.source": "folder", "data.root": "caltech", "data.masks": "", "lr": 0.001}
+    runs = [{"run_id": "same", "params": {"data.source": "folder", "data.root": "caltech",
+                                          "lr": "0.0003"}},  # data.masks not logged: ""
+            {"run_id": "leeds", "params": {"data.source": "folder", "data.root": "leeds",
+                                           "data.masks": "leeds-masks"}},
+            {"run_id": "sample", "params": {"data.source": "synthetic", "data.root": ""}}]
+    assert [r["run_id"] for r in report.on_same_data(runs, here)] == ["same"]
+    sample = {"data.source": "synthetic", "data.root": "", "data.masks": ""}
+    assert [r["run_id"] for r in report.on_same_data(runs, sample)] == ["sample"]
+
+
 def test_experiments_table_counts_the_parameters_it_does_not_show():
     runs = [{"run_id": f"r{i}", "params": {f"p{j}": str(i * j) for j in range(1, 9)},
              "metrics": {"evaluate.unfrozen.map": 0.1 * i}} for i in range(3)]

@@ -35,6 +35,7 @@ from retrieval.report.inputs import (
     RunInfo,
     experiments_table,
     load_inputs,
+    on_same_data,
 )
 from retrieval.report.markdown import render_markdown
 from retrieval.report.pdf import render_pdf
@@ -51,5 +52,5 @@ from retrieval.report.sections import (
 __all__ = ["LR_FIGURE", "MODELS", "SECTIONS", "STAGES", "TITLE", "TRAIN_STAGES", "Block",
            "Bullets", "Figure", "FigureSpec", "Inputs", "Missing", "Observation", "RunInfo",
            "Section", "SectionSpec", "Table", "Text", "build_sections", "drawn_figures",
-           "experiments_table", "fmt", "fmt_param", "load_inputs", "render_html",
+           "experiments_table", "fmt", "fmt_param", "load_inputs", "on_same_data", "render_html",
            "render_markdown", "render_pdf"]

@@ -97,6 +97,20 @@ def _short(text: str, limit: int = 40) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
+# Runs on other data are not comparable: the experiments table keeps those that match these.
+DATASET_PARAMS = ("data.source", "data.root", "data.masks")
+
+
+def on_same_data(runs: Sequence[Mapping[str, Any]], params: Mapping[str, Any]
+                 ) -> list[Mapping[str, Any]]:
+    """The runs whose dataset params (``DATASET_PARAMS``) equal this report's ``params``
+    (flattened); a run that did not log one of them counts as the params.yaml value."""
+    def dataset(values: Mapping[str, Any]) -> tuple[str, ...]:
+        return tuple(str(values.get(k, params.get(k, ""))) for k in DATASET_PARAMS)
+
+    return [r for r in runs if dataset(r.get("params") or {}) == dataset(params)]
+
+
 def experiments_table(runs: Sequence[Mapping[str, Any]], current_run_id: str | None = None,
                       max_rows: int = 20, max_params: int = 6) -> pd.DataFrame:
     """One row per pipeline run with test metrics (from MLflow parent runs, newest first): run,
