@@ -25,9 +25,10 @@ def main() -> None:
     flat = config.flatten(config.to_dict(params))
     with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             flat) as run:
+        run_ids = tracking.pipeline_run_ids(flat)
         run_info = report.RunInfo(tracking.git_commit(),
-                                  os.environ.get("DVC_EXP_NAME") or "workspace",
-                                  tracking.pipeline_run_ids(flat))
+                                  os.environ.get("DVC_EXP_NAME") or "workspace", run_ids,
+                                  tracking.run_durations(run_ids))
         experiments = report.experiments_table(
             report.on_same_data(tracking.pipeline_runs(), flat), run_info.run_ids.get("pipeline"))
         inputs = report.load_inputs(paths.METRICS, paths.PLOTS, flat, run_info, experiments,

@@ -3,6 +3,7 @@ stages that have not run reported as missing, the same bytes for the same inputs
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -136,6 +137,19 @@ def test_experiment_comparison_from_mlflow_runs(project):
     assert "| exp-1 (this report) | abcdef01 | 0.0001 | 0.480 | 0.580 |" in md
     (summary, *_) = sections
     assert any("differ only in lr" in note for note in summary.blocks[0].items)
+
+
+def test_wall_time_per_stage_in_pipeline_order_with_the_total(project):
+    inputs = report.load_inputs(project / "metrics", project / "plots", {}, dataclasses.replace(
+        RUN, durations={"evaluate": 90.0, "train_frozen": 30.0, "prepare": 6.0}))
+    md = report.render_markdown(report.build_sections(inputs), inputs.run, lambda f: f.key)
+    table = md[md.index('<a id="wall_time">'):]
+    assert "| prepare | 0.1 |\n| train_frozen | 0.5 |\n| evaluate | 1.5 |\n| all of them | 2.1 |" \
+        in table
+    none = report.build_sections(report.load_inputs(project / "metrics", project / "plots", {},
+                                                    RUN))
+    (wall,) = [s for s in none if s.id == "wall_time"]
+    assert "No stage of this pipeline execution" in wall.blocks[0].text
 
 
 def test_only_runs_on_the_same_data_are_compared():

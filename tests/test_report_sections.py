@@ -94,7 +94,7 @@ def test_a_new_section_is_one_entry(monkeypatch, tmp_path: Path):
         figure.savefig(tmp_path / "drawn.png")
         inputs.figures[key] = tmp_path / "drawn.png"
     built = report.build_sections(inputs)
-    assert [s.id for s in built][-3:] == ["experiments", "timing", "configuration"]
+    assert [s.id for s in built][-4:] == ["experiments", "wall_time", "timing", "configuration"]
     md = report.render_markdown(built, RUN, lambda f: f.key)
     html = report.render_html(built, RUN)
     assert "Evaluation took 12 s." in summary_items(inputs)

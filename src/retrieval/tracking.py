@@ -214,3 +214,20 @@ def pipeline_run_ids(params: dict[str, Any]) -> dict[str, str]:
         experiments, filter_string=f"tags.`pipeline.group` = '{group}'",
         order_by=["attributes.start_time ASC"]))
     return {run.data.tags.get("stage", "pipeline"): run.info.run_id for run in runs}
+
+
+def run_durations(run_ids: dict[str, str]) -> dict[str, float]:
+    """stage -> seconds from start to end of its MLflow run, for the finished runs among
+    ``run_ids`` (stage -> run id, as `pipeline_run_ids` gives them; the parent is skipped)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    durations = {}
+    for stage, run_id in run_ids.items():
+        if stage == "pipeline":
+            continue
+        info = _retry(lambda run_id=run_id: client.get_run(run_id)).info
+        if info.end_time is not None and info.start_time is not None:
+            durations[stage] = (info.end_time - info.start_time) / 1000.0
+    return durations

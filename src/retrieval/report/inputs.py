@@ -41,6 +41,7 @@ class RunInfo:
     git_commit: str
     dvc_experiment: str
     run_ids: Mapping[str, str]  # stage -> MLflow run id ("pipeline": the parent run)
+    durations: Mapping[str, float] = field(default_factory=dict)  # stage -> seconds of its run
 
 
 @dataclass

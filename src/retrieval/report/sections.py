@@ -146,6 +146,7 @@ SECTIONS: tuple[SectionSpec, ...] = (
         "experiments", "Experiments compared", blocks=tables.experiments,
         observations=(Observation(observations.best_run, in_summary=True),
                       Observation(observations.parameter_effects, in_summary=True))),
+    SectionSpec("wall_time", "Wall time per stage", blocks=tables.wall_time),
     SectionSpec("other", "Other figures", collects=(ANY_STAGE,), omit_if_empty=True),
     SectionSpec("configuration", "Configuration of this run", blocks=tables.configuration),
 )

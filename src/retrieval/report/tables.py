@@ -228,6 +228,21 @@ def experiments(inputs: Inputs) -> list[Block]:
                         "between them; test metrics), best unfrozen mAP first")]
 
 
+def wall_time(inputs: Inputs) -> list[Block]:
+    """Minutes each stage's MLflow run took, in pipeline order, and their sum."""
+    durations = inputs.run.durations
+    order = {stage: i for i, stage in enumerate(STAGES)}
+    stages = sorted(durations, key=lambda s: (order.get(s, len(order)), s))
+    if not stages:
+        return [Text("No stage of this pipeline execution has a finished MLflow run (stages "
+                     "restored from DVC's run cache keep the time of the run that made them).")]
+    rows = tuple((stage, f"{durations[stage] / 60:.1f}") for stage in stages)
+    total = sum(durations.values())
+    return [Table(("stage", "minutes"), (*rows, ("all of them", f"{total / 60:.1f}")),
+                  "Wall time of each stage in this pipeline execution (start to end of its "
+                  "MLflow run; the report's own run is still open)")]
+
+
 def configuration(inputs: Inputs) -> list[Block]:
     """This run's commit, experiment and MLflow runs, and every parameter."""
     run = inputs.run
