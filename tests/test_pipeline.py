@@ -52,6 +52,15 @@ def test_training_writes_loadable_checkpoints_and_curves(pipeline_repo):
         assert 0 <= metrics["best_epoch"] <= 2
 
 
+def test_report_times_every_stage_from_its_mlflow_run(pipeline_repo):
+    md = (pipeline_repo / "report" / "report.md").read_text()
+    table = md[md.index('<a id="wall_time">'):md.index('<a id="configuration">')]
+    for name in stages_of(pipeline_repo):
+        if name != "report":  # its own run is still open while it writes
+            assert f"| {name} | " in table, name
+    assert "| all of them | " in table
+
+
 def test_second_repro_runs_nothing(pipeline_repo):
     result = run(["dvc", "repro"], cwd=pipeline_repo)
     assert "Running stage" not in result.stdout, result.stdout
