@@ -64,7 +64,7 @@ def test_three_queued_experiments_on_two_workers_all_land(trained_repo):
         run(["dvc", "exp", "run", "--queue", "-S", f"lr={lr}", "-n", name, "train_frozen"],
             cwd=repo)
     try:
-        run(["dvc", "queue", "start", "-j", "2"], cwd=repo)
+        started = run(["dvc", "queue", "start", "-j", "2"], cwd=repo).stdout
         status = wait_for_queue(repo)
     finally:
         run(["dvc", "queue", "stop"], cwd=repo, check=False)  # the idle workers
@@ -99,7 +99,7 @@ def test_three_queued_experiments_on_two_workers_all_land(trained_repo):
                          "where t.key = 'pipeline.parent' and e.key = 'dvc_experiment' "
                          "and e.value like 'rel-lr-%'").fetchone()[0]
     assert parents == 3  # one parent run (pipeline execution) per experiment
-    # Two workers really trained at the same time: some two runs overlap.
-    spans = sorted((start, end) for _, start, end, _ in by_name.values())
-    assert any(b[0] < a[1] for a, b in zip(spans, spans[1:], strict=False)), spans
+    # Two workers took the queue. Whether two of these 2-second runs overlap in time depends
+    # on the machine's load (CI saw them run back to back), so that is not asserted.
+    assert "Started '2' new experiments task queue workers" in started, started
     assert not any("database is locked" in log for log in logs.values())
