@@ -5,7 +5,8 @@
 
 For each named experiment: test P@1, P@5, mAP, MAP@R, pair accuracy and ROC AUC of baseline /
 frozen / fine-tuned with their 95% bootstrap CIs (metrics/evaluate.json), then the stages' own
-wall times (metrics/timing/*.json). Nothing is computed here: it prints what the runs measured.
+wall times: start to end of each stage's MLflow run (the project's store, so run it in the
+repository that ran them). Nothing is computed here: it prints what the runs measured.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from __future__ import annotations
 import json
 import sys
 
+from retrieval import tracking
+
 MODELS = ("baseline", "frozen", "unfrozen")
 METRICS = {"precision_at_1": "P@1", "precision_at_5": "P@5", "map": "mAP", "map_at_r": "MAP@R",
            "accuracy": "pair acc.", "roc_auc": "ROC AUC"}
-TIMED = {"train_frozen": "train_seconds", "train_unfrozen": "train_seconds",
-         "evaluate": "evaluate_seconds", "gradcam_segment": "seconds"}
+STAGES = ("prepare", "split", "verify_normalization", "train_frozen", "train_unfrozen",
+          "evaluate", "embed_viz", "gradcam_segment", "report")
 
 
 def experiments(show: list[dict]) -> dict[str, dict]:
@@ -45,13 +48,11 @@ def table(name: str, files: dict) -> str:
     for model in MODELS:
         lines.append(f"| {model} | " + " | ".join(cell(evaluate[model], k) for k in METRICS)
                      + " |")
-    times = []
-    for stage, key in TIMED.items():
-        timing = files.get(f"metrics/timing/{stage}.json", {})
-        if key in timing:
-            times.append(f"{stage} {timing[key] / 60:.1f} min")
-    return "\n".join(lines) + ("\n\nStage times (their own clocks): " + ", ".join(times)
-                               if times else "")
+    durations = tracking.experiment_durations(name)
+    times = [f"{stage} {durations[stage] / 60:.1f}" for stage in STAGES if stage in durations]
+    total = sum(durations.values())
+    return "\n".join(lines) + (f"\n\nMinutes per stage (MLflow runs; {total / 60:.1f} in all): "
+                               + ", ".join(times) if times else "")
 
 
 def main() -> None:

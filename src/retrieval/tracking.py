@@ -231,3 +231,17 @@ def run_durations(run_ids: dict[str, str]) -> dict[str, float]:
         if info.end_time is not None and info.start_time is not None:
             durations[stage] = (info.end_time - info.start_time) / 1000.0
     return durations
+
+
+def experiment_durations(dvc_experiment: str) -> dict[str, float]:
+    """stage -> seconds of the latest finished stage run of a DVC experiment (by name)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri())
+    client = mlflow.MlflowClient()
+    experiments = [e.experiment_id for e in _retry(client.search_experiments)]
+    runs = _retry(lambda: client.search_runs(
+        experiments, filter_string=f"tags.dvc_experiment = '{dvc_experiment}' and "
+        "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]))
+    return run_durations({run.data.tags["stage"]: run.info.run_id for run in runs
+                          if "stage" in run.data.tags})
