@@ -46,7 +46,7 @@ def main() -> None:
     else:
         net = models.EmbeddingNet(params.model,
                                   training.classifier_classes(t, split))
-    trained_from = models.set_trunk_trainable(net, u.unfreeze_from, u.batchnorm)
+    models.set_trunk_trainable(net, u.unfreeze_from, u.batchnorm)
     net = runtime.prepare_model(net, device)
     model = (torch.nn.parallel.DistributedDataParallel(net) if runtime.world_size() > 1
              else net)
@@ -71,7 +71,7 @@ def main() -> None:
                                                      size))
         if runtime.is_main_process():
             training.finish_stage(STAGE, paths.checkpoint(STAGE), net, result, split, size,
-                                  f"{STAGE}: {t.loss} loss, backbone from {trained_from}",
+                                  f"{STAGE}: {t.loss} loss, backbone from {u.unfreeze_from}",
                                   run, {"pretrained_weights": params.model.weights != "none"})
     runtime.shutdown_distributed()
 

@@ -153,15 +153,3 @@ def test_batchnorm_frozen_keeps_every_trunk_statistic_but_trains_the_weights():
 def test_an_unknown_backbone_is_refused_by_name_from_the_registry():
     with pytest.raises(UserError, match=r"model.backbone \('resnet34'\) must be one of \["):
         models.EmbeddingNet(ModelConfig(weights="none", backbone="resnet34"))
-
-
-@pytest.mark.parametrize("name", sorted(models.BACKBONES))
-def test_auto_unfreezes_the_backbones_declared_stage(name):
-    spec = models.BACKBONES[name]
-    net = models.EmbeddingNet(ModelConfig(backbone=name, weights="none", cifar_n=1, head="none"))
-    models.set_trunk_trainable(net, "auto")
-    trainable = [n for n, m in net.backbone_stages() if any(p.requires_grad
-                                                            for p in m.parameters())]
-    first = 0 if spec.fine_tune_from == "all" else spec.stages.index(spec.fine_tune_from)
-    assert trainable == [n for n in spec.stages[first:]
-                         if any(True for _ in dict(net.backbone_stages())[n].parameters())]

@@ -191,10 +191,9 @@ class TrainUnfrozenConfig:
     init: Literal["frozen", "scratch"] = "frozen"
     backbone_lr_mult: float = 0.1
     # Train only the backbone stages from this one on (earlier ones stay frozen); "all" trains
-    # every layer; "auto" is the backbone's own choice (models.BACKBONES: fine_tune_from).
-    # ResNets: layer1..layer4; efficientnet_lite0: blocks0..blocks6, head (checked when the
-    # model is built).
-    unfreeze_from: str = "auto"
+    # every layer. ResNets: layer1..layer4; efficientnet_lite0: blocks0..blocks6, head
+    # (models.BACKBONES lists each backbone's stages; checked when the model is built).
+    unfreeze_from: str = "all"
     # BatchNorm of the trained trunk stages: train (batch statistics, running stats updated) |
     # frozen (keep the pretrained running statistics). Frozen stages always keep theirs.
     batchnorm: Literal["train", "frozen"] = "frozen"

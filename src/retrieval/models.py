@@ -171,8 +171,6 @@ class Backbone:
     target_layer: str  # the stage Grad-CAM explains (the last convolutional block)
     normalization: str  # key of transforms.NORMALIZATIONS the weights were trained with
     imagenet_weights: str  # where model.weights: imagenet comes from (for humans)
-    # What train_unfrozen.unfreeze_from: auto fine-tunes: a stage name, or "all"
-    fine_tune_from: str = "all"
 
 
 RESNET_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -185,11 +183,8 @@ BACKBONES: dict[str, Backbone] = {
                          "torchvision (downloaded once into ~/.cache/torch/hub)"),
     # The converted TF weights were trained on (x - 127) / 128; "tf_lite" measured better than
     # ImageNet mean/std on frozen Caltech-101 retrieval (BENCHMARKS.md, row 10).
-    # Fine-tuning from blocks5 trains 2.5x faster on a CPU than the whole trunk (the backward
-    # pass through the early high-resolution depthwise blocks dominates; README, "Backbones").
     "efficientnet_lite0": Backbone(_lite0_trunk, LITE0_STAGES, 1280, "head", "tf_lite",
-                                   f"the {LITE0_PACKAGE} package (offline)",
-                                   fine_tune_from="blocks5"),
+                                   f"the {LITE0_PACKAGE} package (offline)"),
     "cifar_resnet": Backbone(_cifar_trunk, ("conv1", "bn1", "relu", "layer1", "layer2", "layer3"),
                              128, "layer3", "imagenet", "none (from scratch)"),
 }
@@ -322,16 +317,13 @@ def _build_head(config: ModelConfig, channels: int) -> nn.Module:
 
 
 def set_trunk_trainable(model: EmbeddingNet, unfreeze_from: str,
-                        batchnorm: str = "train") -> str:
-    """Freeze the trunk up to (not including) stage `unfreeze_from`; 'all' trains everything,
-    'auto' is the backbone's ``fine_tune_from``. Returns the stage it resolved to.
+                        batchnorm: str = "train") -> None:
+    """Freeze the trunk up to (not including) stage `unfreeze_from`; 'all' trains everything.
 
     Frozen stages always keep their BatchNorm statistics; ``batchnorm: frozen`` keeps those of
     the trained stages too (the pretrained running statistics, normalising every batch alike).
     """
     names = list(model.spec.stages)
-    if unfreeze_from == "auto":
-        unfreeze_from = model.spec.fine_tune_from
     if unfreeze_from != "all" and unfreeze_from not in names:
         raise UserError(f"train_unfrozen.unfreeze_from is '{unfreeze_from}' but "
                         f"{model.config.backbone} has stages {names}")
@@ -341,7 +333,6 @@ def set_trunk_trainable(model: EmbeddingNet, unfreeze_from: str,
         module.requires_grad_(trainable)
     model.frozen_batchnorm = batchnorm == "frozen"
     model.train(model.training)
-    return unfreeze_from
 
 
 # ---------------------------------------------------------------------------------------------
