@@ -22,10 +22,12 @@ CALTECH = {"source": "folder", "root": str(common.CALTECH), "image_size": 160}
 LEEDS = {"source": "folder", "root": str(common.LEEDS / "images"),
          "masks": str(common.LEEDS / "masks"), "image_size": 160}
 # The README's commands (section "Real datasets"), as params overrides.
+FAST_FINE_TUNING = {"unfreeze_from": "blocks5"}  # the README's $F
 EXPERIMENTS = {
     "caltech": {"data": CALTECH},
-    "caltech_disjoint": {"data": CALTECH, "split": {"mode": "class_disjoint"}},
-    "leeds": {"data": LEEDS},
+    "caltech_disjoint": {"data": CALTECH, "split": {"mode": "class_disjoint"},
+                         "train_unfrozen": FAST_FINE_TUNING},
+    "leeds": {"data": LEEDS, "train_unfrozen": FAST_FINE_TUNING},
 }
 RSS_LIMIT_GIB = 6.0
 MODELS = ("baseline", "frozen", "unfrozen")
