@@ -395,6 +395,33 @@ def test_guided_backprop_matches_pytorch_grad_cam_on_a_classifier() -> None:
     np.testing.assert_allclose(saliency, expected, atol=1e-5)
 
 
+def test_guided_backprop_follows_relu6_as_in_efficientnet_lite0() -> None:
+    # The backward of ReLU6 masks by 0 < x < 6; guided backprop also drops negative gradients.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU6(), nn.Conv2d(8, 8, 3), nn.ReLU6(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 2)).eval()
+    x = images(1, 16, 16)
+    plain = x.clone().requires_grad_(True)
+    model(plain)[0, 1].backward()
+    guided = x.clone().requires_grad_(True)
+    with guided_relus(model):
+        model(guided)[0, 1].backward()
+    assert not torch.allclose(plain.grad, guided.grad)
+    # By hand: the same chain rule with each ReLU6's incoming gradient clamped at 0.
+    by_hand = x.clone().requires_grad_(True)
+    first = model[0](by_hand)
+    a = first.clamp(0, 6)
+    second = model[2](a)
+    b = second.clamp(0, 6)
+    out = model[6](b.mean(dim=(2, 3)))[0, 1]
+    (g_b,) = torch.autograd.grad(out, b, retain_graph=True)
+    g_second = g_b.clamp(min=0) * ((second > 0) & (second < 6))
+    (g_a,) = torch.autograd.grad(second, a, g_second, retain_graph=True)
+    g_first = g_a.clamp(min=0) * ((first > 0) & (first < 6))
+    (g_x,) = torch.autograd.grad(first, by_hand, g_first)
+    torch.testing.assert_close(guided.grad, g_x)
+
+
 def test_check_params_names_the_key_for_an_unknown_method_or_binarisation():
     from retrieval.config import ParamsError
 

@@ -222,12 +222,14 @@ class _PositiveGradient(torch.autograd.Function):
 
 @contextmanager
 def guided_relus(model: nn.Module) -> Iterator[None]:
-    """Inside, backward through every ``nn.ReLU`` of ``model`` follows guided backprop.
+    """Inside, backward through every ``nn.ReLU`` and ``nn.ReLU6`` of ``model`` follows guided
+    backprop (EfficientNet-Lite0's activations are ReLU6: without them guided backprop would be
+    the plain input gradient).
 
     Forward hooks instead of pytorch-grad-cam's ``GuidedBackpropReLUModel``, which explains only
     the first image's class logit and swaps the model's ReLU modules for new ones.
     """
-    relus = [m for m in model.modules() if isinstance(m, nn.ReLU)]
+    relus = [m for m in model.modules() if isinstance(m, nn.ReLU | nn.ReLU6)]
     if not relus:
         raise ValueError("guided_backprop needs nn.ReLU modules; the model has none")
     handles = [m.register_forward_hook(lambda _m, _x, y: _PositiveGradient.apply(y)) for m in relus]
