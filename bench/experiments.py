@@ -15,12 +15,11 @@ import json
 import sys
 
 from retrieval import tracking
+from retrieval.report.inputs import stage_order
 
 MODELS = ("baseline", "frozen", "unfrozen")
 METRICS = {"precision_at_1": "P@1", "precision_at_5": "P@5", "map": "mAP", "map_at_r": "MAP@R",
            "accuracy": "pair acc.", "roc_auc": "ROC AUC"}
-STAGES = ("prepare", "split", "verify_normalization", "train_frozen", "train_unfrozen",
-          "evaluate", "embed_viz", "gradcam_segment", "report")
 
 
 def experiments(show: list[dict]) -> dict[str, dict]:
@@ -49,7 +48,8 @@ def table(name: str, files: dict) -> str:
         lines.append(f"| {model} | " + " | ".join(cell(evaluate[model], k) for k in METRICS)
                      + " |")
     durations = tracking.experiment_durations(name)
-    times = [f"{stage} {durations[stage] / 60:.1f}" for stage in STAGES if stage in durations]
+    times = [f"{stage} {durations[stage] / 60:.1f}" for stage in sorted(durations,
+                                                                        key=stage_order)]
     total = sum(durations.values())
     return "\n".join(lines) + (f"\n\nMinutes per stage (MLflow runs; {total / 60:.1f} in all): "
                                + ", ".join(times) if times else "")

@@ -13,7 +13,14 @@ import pandas as pd
 
 from retrieval.report.document import Block, Bullets, Missing, Table, Text
 from retrieval.report.formatting import fmt, fmt_param, number, with_ci
-from retrieval.report.inputs import MODELS, STAGES, TRAIN_STAGES, Inputs, lr_changes
+from retrieval.report.inputs import (
+    MODELS,
+    STAGES,
+    TRAIN_STAGES,
+    Inputs,
+    lr_changes,
+    stage_order,
+)
 
 VERIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "eer",
                         "fnmr_at_fmr_1e-2", "fnmr_at_fmr_1e-3", "threshold", "tp", "tn", "fp",
@@ -231,8 +238,7 @@ def experiments(inputs: Inputs) -> list[Block]:
 def wall_time(inputs: Inputs) -> list[Block]:
     """Minutes each stage's MLflow run took, in pipeline order, and their sum."""
     durations = inputs.run.durations
-    order = {stage: i for i, stage in enumerate(STAGES)}
-    stages = sorted(durations, key=lambda s: (order.get(s, len(order)), s))
+    stages = sorted(durations, key=stage_order)
     if not stages:
         return [Text("No stage of this pipeline execution has a finished MLflow run (stages "
                      "restored from DVC's run cache keep the time of the run that made them).")]
