@@ -152,9 +152,13 @@ def _released(cam: BaseCAM) -> Iterator[BaseCAM]:
 
 
 def _grad_cam(
-    cam_class: type[BaseCAM], model: nn.Module, images: torch.Tensor, targets: Sequence[Target]
+    cam_class: type[BaseCAM], model: nn.Module, images: torch.Tensor, targets: Sequence[Target],
+    layers: Sequence[nn.Module] | None = None
 ) -> np.ndarray:
-    with _released(cam_class(model=model, target_layers=[model.target_layer])) as cam:
+    """pytorch-grad-cam's ``cam_class`` on ``layers`` (default: the target layer). Several layers
+    are fused as the package does: each map is upsampled to the image, then they are averaged."""
+    layers = list(layers) if layers is not None else [model.target_layer]
+    with _released(cam_class(model=model, target_layers=layers)) as cam:
         return cam(input_tensor=images, targets=list(targets))  # (B, H, W), already in [0, 1]
 
 
@@ -170,6 +174,26 @@ def _gradcam_plus_plus(
     from pytorch_grad_cam import GradCAMPlusPlus
 
     return _grad_cam(GradCAMPlusPlus, model, images, targets)
+
+
+def _layer_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[Target]) -> np.ndarray:
+    from pytorch_grad_cam import LayerCAM
+
+    return _grad_cam(LayerCAM, model, images, targets, cam_layers(model))
+
+
+def cam_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers multi-layer CAMs fuse: the model's ``fine_layers`` (higher-resolution stages,
+    finest first), then its target layer."""
+    return [*getattr(model, "fine_layers", ()), model.target_layer]
+
+
+def _guided_gradcam(
+    model: nn.Module, images: torch.Tensor, targets: Sequence[Target]
+) -> np.ndarray:
+    # Selvaraju et al.: the pixel-sharp guided gradients, gated by where Grad-CAM looks.
+    product = _gradcam(model, images, targets) * _guided_backprop(model, images, targets)
+    return _normalized(product)
 
 
 def _input_gradient(
@@ -198,10 +222,14 @@ def _input_gradients(
 
 
 def _gradient_map(grad: torch.Tensor) -> np.ndarray:
-    saliency = grad.abs().amax(dim=1).cpu().numpy()  # (B, H, W)
-    low = saliency.min(axis=(1, 2), keepdims=True)
-    span = saliency.max(axis=(1, 2), keepdims=True) - low
-    return np.divide(saliency - low, span, out=np.zeros_like(saliency), where=span > 0)
+    return _normalized(grad.abs().amax(dim=1).float().cpu().numpy())  # (B, H, W)
+
+
+def _normalized(maps: np.ndarray) -> np.ndarray:
+    """Each (H, W) map of (B, H, W) min-max scaled to [0, 1]; a flat map becomes all zero."""
+    low = maps.min(axis=(1, 2), keepdims=True)
+    span = maps.max(axis=(1, 2), keepdims=True) - low
+    return np.divide(maps - low, span, out=np.zeros_like(maps), where=span > 0)
 
 
 class _PositiveGradient(torch.autograd.Function):
@@ -260,6 +288,11 @@ SALIENCY_METHODS: dict[str, SaliencyMethod] = {
     # pytorch-grad-cam on model.target_layer, upsampled to the image size.
     "gradcam": SaliencyMethod(_gradcam, needs_target_layer=True),
     "gradcam++": SaliencyMethod(_gradcam_plus_plus, needs_target_layer=True),
+    # LayerCAM (Jiang et al. 2021) on model.fine_layers and the target layer, fused: the
+    # earlier stages' finer grid (Lite0 at 160 px: 10x10 against 5x5) outlines the object.
+    "layercam": SaliencyMethod(_layer_cam, needs_target_layer=True),
+    # Guided Grad-CAM: guided backprop times Grad-CAM.
+    "guided_gradcam": SaliencyMethod(_guided_gradcam, needs_target_layer=True),
     # |d target / d image|, max over channels.
     "input_gradient": SaliencyMethod(_input_gradient),
     # The same on guided gradients; only nn.ReLU modules are guided (a functional F.relu is not).

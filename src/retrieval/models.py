@@ -169,6 +169,7 @@ class Backbone:
     stages: tuple[str, ...]  # the trunk's stage names: what train_unfrozen.unfreeze_from accepts
     feature_dim: int  # channels of the last stage's maps
     target_layer: str  # the stage Grad-CAM explains (the last convolutional block)
+    fine_layers: tuple[str, ...]  # earlier, higher-resolution stages multi-layer CAMs fuse too
     normalization: str  # key of transforms.NORMALIZATIONS the weights were trained with
     imagenet_weights: str  # where model.weights: imagenet comes from (for humans)
 
@@ -177,16 +178,19 @@ RESNET_STAGES = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3"
 LITE0_STAGES = ("stem", *(f"blocks{i}" for i in range(7)), "head")
 
 BACKBONES: dict[str, Backbone] = {
-    "resnet50": Backbone(_torchvision_trunk("resnet50"), RESNET_STAGES, 2048, "layer4", "imagenet",
+    "resnet50": Backbone(_torchvision_trunk("resnet50"), RESNET_STAGES, 2048, "layer4", ("layer3",),
+                         "imagenet",
                          "torchvision (downloaded once into ~/.cache/torch/hub)"),
-    "resnet18": Backbone(_torchvision_trunk("resnet18"), RESNET_STAGES, 512, "layer4", "imagenet",
+    "resnet18": Backbone(_torchvision_trunk("resnet18"), RESNET_STAGES, 512, "layer4", ("layer3",),
+                         "imagenet",
                          "torchvision (downloaded once into ~/.cache/torch/hub)"),
     # The converted TF weights were trained on (x - 127) / 128; "tf_lite" measured better than
     # ImageNet mean/std on frozen Caltech-101 retrieval (BENCHMARKS.md, row 10).
-    "efficientnet_lite0": Backbone(_lite0_trunk, LITE0_STAGES, 1280, "head", "tf_lite",
+    "efficientnet_lite0": Backbone(_lite0_trunk, LITE0_STAGES, 1280, "head",
+                                   ("blocks2", "blocks4"), "tf_lite",
                                    f"the {LITE0_PACKAGE} package (offline)"),
     "cifar_resnet": Backbone(_cifar_trunk, ("conv1", "bn1", "relu", "layer1", "layer2", "layer3"),
-                             128, "layer3", "imagenet", "none (from scratch)"),
+                             128, "layer3", ("layer2",), "imagenet", "none (from scratch)"),
 }
 
 
@@ -255,6 +259,11 @@ class EmbeddingNet(nn.Module):
     def target_layer(self) -> nn.Module:
         """The backbone stage whose output Grad-CAM explains (the last convolutional block)."""
         return getattr(self.trunk, self.spec.target_layer)
+
+    @property
+    def fine_layers(self) -> list[nn.Module]:
+        """Earlier, higher-resolution stages that multi-layer CAMs (LayerCAM) fuse in."""
+        return [getattr(self.trunk, name) for name in self.spec.fine_layers]
 
     @property
     def normalization(self) -> Normalization:

@@ -39,6 +39,10 @@ class PooledDescriptor(nn.Module):
     def target_layer(self) -> nn.Module:
         return self.net.target_layer
 
+    @property
+    def fine_layers(self) -> list[nn.Module]:
+        return self.net.fine_layers
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net.features(images).float(), dim=1)
 
@@ -56,6 +60,10 @@ class ClassifierLogits(nn.Module):
     @property
     def target_layer(self) -> nn.Module:
         return self.net.target_layer
+
+    @property
+    def fine_layers(self) -> list[nn.Module]:
+        return self.net.fine_layers
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net.classifier(self.net(images, normalize=False))
