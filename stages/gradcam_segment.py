@@ -1,18 +1,20 @@
 """gradcam_segment: segmentation for free, from the saliency of the trained models (issue #5).
 
 Models: baseline (train_frozen's trunk, the backbone before training: its pooled descriptor),
-frozen and unfrozen; methods and binarisation candidates from params. The binarisation is chosen
-per (model, method) on val and applied to test; a centred ellipse (training foreground fraction)
-and the full mask are the trivial baselines. IoU and Dice are computed on the model's input view
-(data.image_size px, masks through the images' resize + centre crops); the PNG masks are written
-at each image's own size, background outside the centre crop.
+frozen and unfrozen; methods, binarisation and refinement candidates from params. The
+binarisation, then the refinement, is chosen per (model, method) on val and applied to test; a
+centred ellipse and a centred square (training foreground fraction) and the full mask are the
+trivial baselines. Each model's test accuracy is reported beside its IoU. IoU and Dice are
+computed on the model's input view (data.image_size px, masks through the images' resize +
+centre crops); the PNG masks are written at each image's own size, background outside the
+centre crop.
 
 Reads:  params seed, device, precision, data.image_size, gradcam_segment; data/split.csv,
         data/prepared, models/train_frozen/best.pt, models/train_unfrozen/best.pt
 Writes: data/gradcam/masks/<model>/<method>/<class>/<stem>.png (every explained test image),
         data/gradcam/prototypes/<model>.npz (for `retrieval segment`), data/gradcam/per_image.csv,
-        plots/gradcam_segment/{overlays_<model>.png, iou_histogram.png, iou_table.csv,
-        iou_table.md, per_class.csv}, metrics/gradcam_segment.json,
+        plots/gradcam_segment/{overlays_<model>.png, extremes_<model>.png, iou_histogram.png,
+        iou_table.csv, iou_table.md, per_class.csv}, metrics/gradcam_segment.json,
         metrics/timing/gradcam_segment.json
 """
 
@@ -27,7 +29,7 @@ from pathlib import Path
 from retrieval import cache, cam, compared, config, data, models, outputs, paths, runtime, tracking
 from retrieval.outputs import UserError
 from retrieval.plots import segmentation as figures
-from retrieval.segmentation import experiment, explainers, geometry, summary
+from retrieval.segmentation import experiment, explainers, geometry, refine, summary
 
 STAGE = "gradcam_segment"
 OUT, PLOTS = paths.GRADCAM, paths.plots(STAGE)
@@ -37,19 +39,23 @@ def main() -> None:
     started = time.perf_counter()
     params = config.load_params()
     cam.check_params(params.gradcam_segment.methods, params.gradcam_segment.binarize)
+    refine.check_refinements(params.gradcam_segment.refine)
     size = params.data.image_size
     table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
     device = runtime.resolve_device(params.device)
-    nets = {}
+    nets, classes = {}, {}
     for stage in compared.checkpoints():
         net, checkpoint = models.load_model(paths.checkpoint(stage))
+        classes[stage] = checkpoint.get("classes", [])
         if checkpoint.get("image_size", size) != size:
             raise UserError(f"{paths.checkpoint(stage)} was trained at "
                             f"{checkpoint['image_size']} px but data.image_size is {size}: "
                             "run `dvc repro` to retrain")
         nets[stage] = net.to(device)
-    explained = [(explainers.backbone_explainer if model.view == "backbone" else
-                  explainers.model_explainer)(model.name, nets[model.checkpoint])
+    explained = [explainers.backbone_explainer(model.name, nets[model.checkpoint])
+                 if model.view == "backbone" else
+                 explainers.model_explainer(model.name, nets[model.checkpoint],
+                                            classes[model.checkpoint])
                  for model in compared.COMPARED_MODELS]
     checkpoint_of = {model.name: paths.checkpoint(model.checkpoint)
                      for model in compared.COMPARED_MODELS}
@@ -62,13 +68,16 @@ def main() -> None:
             params.precision, write_mask=lambda model, method, row, mask:
             geometry.write_mask_png(out / "masks" / model / method /
                                     Path(row["path"]).with_suffix(".png"), mask))
+        best = summary.best_methods(result)
         for explainer in result.explainers:
             chosen = result.choices[result.choices["model"] == explainer.name]
             explainers.save_explainer(out / paths.prototypes(explainer.name).relative_to(OUT),
-                                      explainer,
-                                      checkpoint_of[explainer.name],
+                                      explainer, checkpoint_of[explainer.name],
                                       dict(zip(chosen["method"], chosen["binarization"],
-                                               strict=True)))
+                                               strict=True)),
+                                      dict(zip(chosen["method"], chosen["refinement"],
+                                               strict=True)),
+                                      best.get(explainer.name))
         outputs.write_csv(out / "per_image.csv", result.scores)
 
         iou_table = summary.summary_table(result)
@@ -82,6 +91,12 @@ def main() -> None:
                 shown.views, shown.labels, shown.truth, shown.has_truth, *shown.of_model(name),
                 f"{STAGE}: {name} model, test images (yellow: predicted, green: ground truth)"),
                 PLOTS / f"overlays_{name}.png")
+        for name, method in best.items():
+            outputs.save_figure(figures.extremes(
+                result.test_views, result.test_labels, result.test_truth,
+                result.extremes[(name, method)],
+                f"{STAGE}: {name} model, {method}: the best and the worst test images by IoU"),
+                PLOTS / f"extremes_{name}.png")
         trivial = iou_table[iou_table["model"] == "trivial"]
         outputs.save_figure(figures.iou_histogram(
             result.scores, dict(zip(trivial["method"], trivial["mean_iou"], strict=True))),

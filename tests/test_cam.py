@@ -430,3 +430,49 @@ def test_check_params_names_the_key_for_an_unknown_method_or_binarisation():
         cam.check_params(["gradcam", "lime"], ["otsu"])
     with pytest.raises(ParamsError, match=r"gradcam_segment.binarize has 'half'"):
         cam.check_params(["gradcam"], ["half"])
+
+
+class FineQuadrantNet(QuadrantNet):
+    """QuadrantNet with its stem as a finer layer for multi-layer CAMs (stride 1 against 2)."""
+
+    @property
+    def fine_layers(self) -> list[nn.Module]:
+        return [self.stem]
+
+
+def test_layercam_fuses_the_fine_layers_as_pytorch_grad_cam_does() -> None:
+    from pytorch_grad_cam import LayerCAM
+
+    model = FineQuadrantNet().eval()
+    x = images(2, 32, 32)
+    targets = [ClassLogit(0), ClassLogit(1)]
+    ours = saliency_maps(model, x, targets, "layercam")
+    reference = LayerCAM(model=model, target_layers=[model.stem, model.target_layer])(
+        input_tensor=x.clone().requires_grad_(True), targets=targets)
+    np.testing.assert_allclose(ours, reference, atol=1e-6)
+    coarse = saliency_maps(QuadrantNet().eval(), x, targets, "layercam")  # target layer only
+    assert not np.allclose(ours, coarse)
+
+
+def test_guided_gradcam_is_the_normalised_product() -> None:
+    model = QuadrantNet().eval()
+    x = images(2, 32, 32)
+    targets = [ClassLogit(0), ClassLogit(2)]
+    product = (saliency_maps(model, x, targets, "gradcam")
+               * saliency_maps(model, x, targets, "guided_backprop"))
+    low = product.min(axis=(1, 2), keepdims=True)
+    expected = (product - low) / (product.max(axis=(1, 2), keepdims=True) - low)
+    np.testing.assert_allclose(saliency_maps(model, x, targets, "guided_gradcam"), expected,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("h, w, fraction", [(32, 32, 0.25), (40, 64, 0.5), (10, 10, 0.0)])
+def test_centered_box_covers_the_fraction_with_the_image_aspect(h, w, fraction) -> None:
+    mask = cam.centered_box_mask(h, w, fraction)
+    assert mask.mean() == pytest.approx(fraction, abs=2 * (h + w) / (h * w))
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if fraction:
+        assert mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # one solid box
+        assert abs(rows[0] - (h - 1 - rows[-1])) <= 1 and abs(cols[0] - (w - 1 - cols[-1])) <= 1
+    with pytest.raises(ValueError, match="fraction"):
+        cam.centered_box_mask(4, 4, 1.5)

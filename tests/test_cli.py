@@ -174,7 +174,10 @@ def test_segment_writes_masks_and_an_iou_table(folder, capsys):
                            "--prototypes", prototypes, "--device", "cpu"], capsys)
     assert code == 0, err
     assert "skipped 1 file(s) that are not images: alpha/notes.txt" in err
-    assert "wrote 6 masks" in out and "top_percent:30" in out  # the stored choice
+    # The stored choices: the best method on val, its binarisation and refinement.
+    assert "wrote 6 masks" in out and "(gradcam, top_percent:30, refined by grabcut:10/30)" in out
+    # The sub-folders are the model's classes: its accuracy, from the nearest prototype.
+    assert "classification accuracy" in out and "over 6 images in class folders" in out
     masks = sorted((tmp_path / "out").rglob("*.png"))
     assert len(masks) == 6
     with Image.open(masks[0]) as mask:
@@ -195,7 +198,18 @@ def test_segment_without_masks_and_with_a_classifier(tmp_path, capsys):
     assert code == 0, err
     assert len(list((tmp_path / "out").rglob("*.png"))) == 3
     assert not (tmp_path / "out" / "iou_table.csv").exists()
-    assert "guided_backprop, fixed:0.5" in out
+    assert "guided_backprop, fixed:0.5, refined by none" in out
+    predicted = pd.Series([line for line in out.splitlines() if "accuracy" in line])
+    assert len(predicted) == 1 and "over 3 images in class folders" in predicted[0]
+    # The same images outside class folders: no accuracy.
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for image in (tmp_path / "images").rglob("*.png"):
+        (flat / f"{image.parent.name}_{image.name}").write_bytes(image.read_bytes())
+    code, out, err = call(["segment", flat, "--out", tmp_path / "out2", "--model",
+                           tmp_path / "ce.pt", "--refine", "grabcut:10/30+components"], capsys)
+    assert code == 0, err
+    assert "refined by grabcut:10/30+components" in out and "accuracy" not in out
 
 
 def fails_with_one_line(argv, capsys, match):
@@ -234,6 +248,8 @@ def test_segment_errors(folder, capsys):
                          "--prototypes", str(prototypes)], capsys, "another model file")
     fails_with_one_line([images, "--out", out, *common, "--binarize", "top_percent:200"],
                         capsys, "percentage")
+    fails_with_one_line([images, "--out", out, *common, "--refine", "grabcut:90/20"],
+                        capsys, "--refine")
 
 
 def test_segment_and_the_stage_read_one_binarisation_grammar(folder, capsys):

@@ -79,6 +79,7 @@ def test_other_observations_use_the_numbers():
     assert "unfrozen: gradcam" in iou[2] and "0.533, above the ellipse baseline (0.384) " \
         "by 0.149" in iou[2]
     assert "0.311, below the ellipse baseline" in iou[0]
+    assert "refined by grabcut:10/30" in iou[2] and "classifies 0.833 of the test" in iou[2]
     assert obs.saliency_changes(inputs)[1] == ("Training end to end (baseline to unfrozen) "
                                                "raised the best saliency IoU from 0.311 to "
                                                "0.533.")

@@ -160,14 +160,23 @@ def test_classifier_target_is_the_predicted_logit():
 # --- the experiment on a split table --------------------------------------------------------
 
 
-def run_evaluate(tmp_path, masks: bool, methods=("gradcam", "input_gradient")):
+def run_evaluate(tmp_path, masks: bool, methods=("gradcam", "input_gradient"),
+                 invert_test_masks: bool = False, classifier: bool = False):
     rows = make_folder(tmp_path / "images", tmp_path / "masks" if masks else None)
     table = pd.DataFrame(rows)
+    if invert_test_masks:
+        for mask_file in table.loc[table["split"] == "test", "mask_file"]:
+            inverted = 255 - np.asarray(Image.open(mask_file))
+            Image.fromarray(inverted).save(mask_file)
     images = ImageCache.build([tmp_path / "images" / p for p in table["path"]], SIZE,
                               tmp_path / "cache", workers=0, progress=False)
+    torch.manual_seed(0)  # the same untrained net on every call
     net = tiny_net()
     explained = [explainers.backbone_explainer("baseline", net),
                  explainers.model_explainer("frozen", net)]
+    if classifier:
+        explained.append(explainers.model_explainer("classifier", tiny_net(len(CLASSES)),
+                                                    CLASSES))
     written = {}
 
     def write_mask(model, method, row, mask):
@@ -206,17 +215,17 @@ def test_evaluate_scores_every_model_method_and_the_trivial_baselines(tmp_path):
 
     metrics = summary.metrics(result)
     assert metrics["iou_computed"] is True
-    assert set(metrics["baselines"]) == {"ellipse", "full"}
+    assert set(metrics["baselines"]) == {"ellipse", "square", "full"}
     assert set(metrics["frozen"]) == {"gradcam", "input_gradient"}
     assert {"mean_iou", "median_iou", "mean_dice", "binarization"} <= set(
         metrics["baseline"]["gradcam"])
     assert set(metrics["best_method"]) == {"baseline", "frozen"}
     json.dumps(metrics)  # plain types only
     iou_table = summary.summary_table(result)
-    assert list(iou_table["model"]) == ["baseline"] * 2 + ["frozen"] * 2 + ["trivial"] * 2
+    assert list(iou_table["model"]) == ["baseline"] * 2 + ["frozen"] * 2 + ["trivial"] * 3
     per_class = summary.per_class_table(result)
     assert set(per_class["label"]) == set(CLASSES)
-    assert per_class["images"].sum() == 6 * len(test)  # 4 explained + 2 trivial, per image
+    assert per_class["images"].sum() == 7 * len(test)  # 4 explained + 3 trivial, per image
     assert summary.markdown_table(iou_table).count("\n") == len(iou_table) + 2
 
 
@@ -246,6 +255,14 @@ def test_overlay_and_histogram_figures(tmp_path):
     assert len(figure.axes) == 2 * (2 + 2)
     figure = figures.iou_histogram(result.scores, {"ellipse": 0.5, "full": 0.3})
     assert len(figure.axes) == 2
+    # The best and worst test images: 3 scored, so one of each (overlays // 2 = 1), best first.
+    chosen = result.extremes[("frozen", "gradcam")]
+    assert len(chosen.positions) == 2 and chosen.ious[0] >= chosen.ious[1]
+    frozen = result.scores[result.scores["model"] == "frozen"]["iou"]
+    assert (chosen.ious[0], chosen.ious[1]) == pytest.approx((frozen.max(), frozen.min()))
+    figure = figures.extremes(result.test_views, result.test_labels, result.test_truth, chosen,
+                              "title")
+    assert len(figure.axes) == 2 * 4
 
 
 # --- explainer files -------------------------------------------------------------------------
@@ -257,7 +274,8 @@ def prototypes_file(tmp_path, model_file, net):
     explainer.prototypes = {c: (v / np.linalg.norm(v)).astype(np.float32)
                             for c, v in zip(CLASSES, rng.normal(size=(3, 8)), strict=True)}
     path = tmp_path / "unfrozen.npz"
-    explainers.save_explainer(path, explainer, model_file, {"gradcam": "top_percent:30"})
+    explainers.save_explainer(path, explainer, model_file, {"gradcam": "top_percent:30"},
+                              {"gradcam": "grabcut:10/30"}, "gradcam")
     return path
 
 
@@ -266,7 +284,9 @@ def test_explainer_file_round_trip_and_model_check(tmp_path):
     path = prototypes_file(tmp_path, tmp_path / "model.pt", net)
     explainer, checkpoint, chosen = explainers.load_explainer(tmp_path / "model.pt", path)
     assert sorted(explainer.prototypes) == list(CLASSES)
-    assert chosen == {"gradcam": "top_percent:30"} and checkpoint["image_size"] == SIZE
+    assert chosen == {"binarization": {"gradcam": "top_percent:30"},
+                      "refinement": {"gradcam": "grabcut:10/30"}, "best_method": "gradcam"}
+    assert checkpoint["image_size"] == SIZE
     save_net(tmp_path / "other.pt")
     with pytest.raises(UserError, match="another model file"):
         explainers.load_explainer(tmp_path / "other.pt", path)
@@ -319,7 +339,39 @@ def test_choose_setting_takes_the_best_validation_iou_first_on_ties():
     maps[0, :2] = 1.0
     maps[0, 2, 0] = 0.5
     split = experiment.SplitImages(pd.DataFrame({"label": ["a"]}), np.arange(1), truth,
-                                     np.array([True]), np.array([[4, 4]]))
+                                     np.array([True]), np.array([[4, 4]]),
+                                     np.zeros((1, 3, 4, 4), np.uint8))
     # top 25% is a quarter of the half (IoU 0.5); top 50% and fixed:0.75 find it exactly.
     candidates = [("top_percent", 25.0), ("top_percent", 50.0), ("fixed", 0.75)]
     assert experiment.choose_setting(maps, split, candidates) == (("top_percent", 50.0), 1.0)
+
+
+def test_binarisation_and_refinement_are_chosen_on_val_only(tmp_path):
+    # Inverting every test mask changes every test score but none of the choices.
+    _, plain, _ = run_evaluate(tmp_path / "plain", masks=True)
+    _, inverted, _ = run_evaluate(tmp_path / "inverted", masks=True, invert_test_masks=True)
+    columns = ["model", "method", "binarization", "refinement", "val_mean_iou"]
+    pd.testing.assert_frame_equal(plain.choices[columns], inverted.choices[columns])
+    assert set(plain.choices["refinement"]) <= set(GradcamConfig().refine)
+    assert not np.allclose(plain.scores["iou"], inverted.scores["iou"])
+    # The refinement chosen is the best of the candidates on val, after the chosen binarisation.
+    for choice in plain.choices.to_dict("records"):
+        assert choice["val_mean_iou"] >= choice["val_mean_iou_unrefined"] - 1e-12
+
+
+def test_each_model_reports_its_test_accuracy(tmp_path):
+    table, result, _ = run_evaluate(tmp_path, masks=True, classifier=True)
+    test = table[table["split"] == "test"]
+    assert set(result.accuracy) == {"baseline", "frozen", "classifier"}
+    views = result.test_views
+    for explainer in result.explainers:
+        predicted = experiment.predicted_labels(explainer, views, batch_size=2)
+        assert set(predicted) <= set(CLASSES)
+        assert result.accuracy[explainer.name] == pytest.approx(
+            np.mean(np.array(predicted) == test["label"].to_numpy()))
+    metrics = summary.metrics(result)
+    assert metrics["test_accuracy"] == result.accuracy
+    assert metrics["classifier"]["gradcam"]["target"] == "logit"
+    table = summary.model_table(summary.summary_table(result), "classifier")
+    assert set(table["model"]) == {"classifier", "trivial"}
+    assert table["mean_iou"].is_monotonic_decreasing

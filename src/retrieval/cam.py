@@ -508,6 +508,21 @@ def centered_ellipse_mask(h: int, w: int, foreground_fraction: float) -> np.ndar
     return mask.reshape(h, w)
 
 
+def centered_box_mask(h: int, w: int, foreground_fraction: float) -> np.ndarray:
+    """(H, W) bool: a centred box with the image's aspect (a square on the square model view)
+    covering about that fraction of pixels (sides h * sqrt(f) and w * sqrt(f), rounded)."""
+    if h < 1 or w < 1:
+        raise ValueError(f"h and w must be positive, got {h} x {w}")
+    if not 0 <= foreground_fraction <= 1:
+        raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+    side = np.sqrt(foreground_fraction)
+    bh, bw = round(h * side), round(w * side)
+    top, left = (h - bh) // 2, (w - bw) // 2
+    mask = np.zeros((h, w), dtype=bool)
+    mask[top:top + bh, left:left + bw] = True
+    return mask
+
+
 def full_mask(h: int, w: int) -> np.ndarray:
     """(H, W) bool: every pixel is foreground."""
     return np.ones((h, w), dtype=bool)

@@ -308,6 +308,7 @@ DEFAULT_PROTOTYPES = paths.prototypes("unfrozen")
 
 def segment_parser() -> argparse.ArgumentParser:
     from retrieval import cam
+    from retrieval.segmentation import refine
 
     parser = argparse.ArgumentParser(
         prog="retrieval segment",
@@ -315,7 +316,9 @@ def segment_parser() -> argparse.ArgumentParser:
                     "saliency (no segmentation training). Writes one PNG mask per image "
                     "(255 = object) at the image's size, with the same relative path; with "
                     "--masks, also OUT/iou_table.csv (IoU and Dice per image, scored on the "
-                    "model's centre-cropped input view, as in the gradcam_segment stage).")
+                    "model's centre-cropped input view, as in the gradcam_segment stage). "
+                    "When IMAGES has one sub-folder per class of the model, the model's "
+                    "classification accuracy is printed too.")
     parser.add_argument("images", type=Path, help="folder of images (sub-folders are searched)")
     parser.add_argument("--out", type=Path, required=True,
                         help="folder for the masks (created; must not lie inside IMAGES)")
@@ -328,12 +331,15 @@ def segment_parser() -> argparse.ArgumentParser:
                         help="class prototypes of an embedding model, written by the "
                              "gradcam_segment stage as data/gradcam/prototypes/<model>.npz "
                              f"(default {DEFAULT_PROTOTYPES} with the default model)")
-    parser.add_argument("--method", choices=tuple(cam.SALIENCY_METHODS), default="gradcam",
-                        help="saliency method (default gradcam; metrics/gradcam_segment.json names "
-                             "the best one per model under best_method)")
+    parser.add_argument("--method", choices=tuple(cam.SALIENCY_METHODS), default=None,
+                        help="saliency method (default: the model's best on validation, as "
+                             "chosen by gradcam_segment, else gradcam)")
     parser.add_argument("--binarize", default=None,
                         help=f"{cam.BINARIZATION_GRAMMAR} (default: the setting chosen on "
                              "validation by gradcam_segment, else otsu)")
+    parser.add_argument("--refine", default=None,
+                        help=f"{refine.REFINEMENT_GRAMMAR} (default: the refinement chosen on "
+                             "validation by gradcam_segment, else none)")
     parser.add_argument("--image-size", type=int, default=None,
                         help="model input side in px (default: the checkpoint's)")
     parser.add_argument("--batch-size", type=int, default=16,
@@ -352,7 +358,7 @@ def segment_folder(args: argparse.Namespace) -> pd.DataFrame:
     import torch
 
     from retrieval import cam, runtime, transforms
-    from retrieval.segmentation import experiment, explainers, geometry
+    from retrieval.segmentation import experiment, explainers, geometry, refine
 
     images_dir, out = args.images, args.out
     if not images_dir.is_dir():
@@ -374,33 +380,47 @@ def segment_folder(args: argparse.Namespace) -> pd.DataFrame:
     image_size = args.image_size or checkpoint.get("image_size")
     if not image_size:
         raise UserError(f"{model_file} does not record its image size: pass --image-size")
-    text = args.binarize or chosen.get(args.method, "otsu")
+    method = args.method or chosen["best_method"] or "gradcam"
+    stored = f"the setting stored in {explainer_file}"
+    text = args.binarize or chosen["binarization"].get(method, "otsu")
     try:
         setting = cam.parse_binarization(text)
     except ValueError as error:
-        where = "--binarize" if args.binarize else f"the setting stored in {explainer_file}"
-        raise UserError(f"binarisation '{text}' ({where}): {error}") from None
+        raise UserError(f"binarisation '{text}' ({'--binarize' if args.binarize else stored}): "
+                        f"{error}") from None
+    refine_text = args.refine or chosen["refinement"].get(method, "none")
+    try:
+        refinement = refine.parse_refinement(refine_text)
+    except ValueError as error:
+        raise UserError(f"refinement '{refine_text}' ({'--refine' if args.refine else stored}): "
+                        f"{error}") from None
     explainer.model.to(runtime.resolve_device(args.device))
     _refuse_stem_clashes(images_dir)
+    known = set(explainer.classes) | set(explainer.prototypes)
 
     rows, skipped = [], []
     for batch in _decoded_batches(images_dir, args.batch_size, skipped):
         views = torch.stack([transforms.eval_crop(image_size)(
             transforms.decode_transform(image_size)(image)) for _, image in batch])
-        masks = experiment.binarize_maps(explainers.explain(explainer, args.method, views),
-                                         setting)
-        for (relative, image), mask in zip(batch, masks, strict=True):
+        maps = explainers.explain(explainer, method, views)
+        masks = refine.refine_batch(views.numpy(), maps,
+                                    experiment.binarize_maps(maps, setting), refinement)
+        predicted = experiment.predicted_labels(explainer, views.numpy(), len(views))
+        for (relative, image), mask, guess in zip(batch, masks, predicted, strict=True):
             target = out / relative.with_suffix(".png")
             geometry.write_mask_png(target, geometry.restore_mask(mask, image.height,
                                                                   image.width))
+            folder = relative.parts[0] if len(relative.parts) > 1 else None
             rows.append({"file": relative.as_posix(), "mask": str(target),
-                         "foreground_fraction": float(mask.mean()),
+                         "foreground_fraction": float(mask.mean()), "predicted": guess,
+                         "correct": (guess == folder) if folder in known else None,
                          **_truth_scores(args.masks, relative, image, mask, image_size)})
-    return _report_segmentation(rows, skipped, args, cam.format_binarization(setting))
+    return _report_segmentation(rows, skipped, args, method, f"{cam.format_binarization(setting)}"
+                                f", refined by {refine.format_refinement(refinement)}")
 
 
 def _report_segmentation(rows: list[dict], skipped: list[str], args: argparse.Namespace,
-                         setting: str) -> pd.DataFrame:
+                         method: str, setting: str) -> pd.DataFrame:
     """The per-image table (written with --masks) and what was done, on stdout/stderr."""
     import pandas as pd
 
@@ -413,13 +433,17 @@ def _report_segmentation(rows: list[dict], skipped: list[str], args: argparse.Na
     if skipped:
         print(f"skipped {len(skipped)} file(s) that are not images: {shown}", file=sys.stderr)
     table = pd.DataFrame(rows)
-    message = f"wrote {len(table)} masks to {out} ({args.method}, {setting})"
+    message = f"wrote {len(table)} masks to {out} ({method}, {setting})"
     if args.masks is not None:
         outputs.write_csv(out / "iou_table.csv", table)
         scored = table.dropna(subset=["iou"])
         message += (f"; mean IoU {scored['iou'].mean():.3f} over {len(scored)} images with a "
                     f"mask -> {out / 'iou_table.csv'}" if len(scored) else
                     "; no image had a matching mask")
+    labelled = table.dropna(subset=["correct"])
+    if len(labelled):
+        message += (f"; classification accuracy {labelled['correct'].astype(bool).mean():.3f} "
+                     f"over {len(labelled)} images in class folders")
     print(message)
     return table
 

@@ -242,10 +242,13 @@ class EmbedVizConfig:
 
 @dataclass(frozen=True)
 class GradcamConfig:
-    methods: tuple[str, ...] = ("gradcam", "gradcam++", "input_gradient", "guided_backprop")
+    methods: tuple[str, ...] = ("gradcam", "gradcam++", "layercam", "guided_backprop",
+                                "guided_gradcam")
     # Binarisation candidates; the one with the best mean IoU on validation is applied to test.
     binarize: tuple[str, ...] = ("otsu", "top_percent:10", "top_percent:20", "top_percent:30",
                                  "top_percent:40", "top_percent:50", "fixed:0.5")
+    # Refinement candidates, chosen on validation after the binarisation (segmentation.refine).
+    refine: tuple[str, ...] = ("none", "components", "grabcut:10/30", "grabcut:20/40")
     overlays: int = 8  # test images shown in the overlay figures (seeded choice)
     max_images: int = 400  # per split (val, test): a seeded choice caps the cost on big datasets
     batch_size: int = 32  # images per saliency call (forward + backward); lower it if out of memory
@@ -258,6 +261,7 @@ class GradcamConfig:
         _check(len(set(self.methods)) == len(self.methods), f"{key}.methods",
                "names a method twice")
         _check(len(self.binarize) > 0, f"{key}.binarize", "is empty (name at least one)")
+        _check(len(self.refine) > 0, f"{key}.refine", "is empty (name at least 'none')")
         _check(self.overlays >= 0, f"{key}.overlays", "must be >= 0")
         _check(self.max_images >= 1, f"{key}.max_images", "must be >= 1")
         _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")

@@ -66,6 +66,22 @@ def overlays(views: np.ndarray, labels: Sequence[str], truth: np.ndarray, has_tr
     return figure
 
 
+def extremes(views: np.ndarray, labels: Sequence[str], truth: np.ndarray, chosen,
+             title: str) -> plt.Figure:
+    """The best and the worst test images of one (model, method), as ``overlays`` draws them.
+
+    views (N, 3, s, s), labels, truth (N, s, s): the whole test split; ``chosen``: an
+    ``experiment.Extremes`` (positions into it, best first, with their maps, masks and IoUs).
+    """
+    positions = chosen.positions
+    half = len(positions) // 2
+    rank = [f"best {i + 1}" for i in range(half)] + [f"worst {half - i}" for i in range(half)]
+    return overlays(views[positions], [f"{rank[i]}: {labels[p]}" for i, p in
+                                       enumerate(positions)],
+                    truth[positions], np.ones(len(positions), bool), {"": chosen.maps},
+                    {"": chosen.masks}, {"": chosen.ious}, title)
+
+
 def _show_mask(ax: plt.Axes, image: np.ndarray, mask: np.ndarray,
                truth: np.ndarray | None) -> None:
     """The image, background darkened, with the mask's outline (and the truth's, if given)."""

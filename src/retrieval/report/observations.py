@@ -448,13 +448,17 @@ def saliency_iou(inputs: Inputs) -> list[str]:
     strongest = max(baselines, key=baselines.get) if baselines else None
     notes = []
     for model, (method, iou) in chosen.items():
+        chosen = metrics[model][method]
         sentence = (f"{model}: {method} (chosen on validation, binarised by "
-                    f"{metrics[model][method].get('binarization')}) reaches a test mean IoU of "
-                    f"{fmt(iou)}")
+                    f"{chosen.get('binarization')}, refined by {chosen.get('refinement', 'none')}"
+                    f") reaches a test mean IoU of {fmt(iou)}")
         if strongest is not None:
             margin = iou - baselines[strongest]
             sentence += (f", {'above' if margin > 0 else 'below'} the {strongest} baseline "
                          f"({fmt(baselines[strongest])}) by {fmt(abs(margin))}")
+        accuracy = (metrics.get("test_accuracy") or {}).get(model)
+        if accuracy is not None:
+            sentence += f"; the model classifies {fmt(accuracy)} of the test images correctly"
         notes.append(sentence + ".")
     return notes
 

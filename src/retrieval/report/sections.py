@@ -19,7 +19,7 @@ from typing import Any
 
 from retrieval.report import figures, observations, tables
 from retrieval.report.document import Block, Bullets, Figure, Missing, Section
-from retrieval.report.inputs import TRAIN_STAGES, Inputs
+from retrieval.report.inputs import MODELS, TRAIN_STAGES, Inputs
 
 ANY_STAGE = "*"  # in `collects`: the figures of every stage no other section collects
 
@@ -139,7 +139,10 @@ SECTIONS: tuple[SectionSpec, ...] = (
                        "(unfrozen) model on test images: prediction yellow, ground truth "
                        "green."),
             FigureSpec("gradcam_segment/iou_histogram", "IoU of the saliency masks with the "
-                       "ground truth per test image, against the trivial baselines.")),
+                       "ground truth per test image, against the trivial baselines."),
+            *(FigureSpec(f"gradcam_segment/extremes_{model}", f"The best and the worst test "
+                         f"images of the {model} model's best method (chosen on val).",
+                         optional=True) for model in MODELS)),
         observations=(Observation(observations.saliency_iou, in_summary=True),
                       Observation(observations.saliency_changes))),
     SectionSpec(

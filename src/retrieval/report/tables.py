@@ -199,27 +199,38 @@ def embeddings(inputs: Inputs) -> list[Block]:
 
 
 def saliency(inputs: Inputs) -> list[Block]:
-    """IoU and Dice of every model's saliency methods and of the trivial baselines."""
+    """One table per model: its saliency methods (binarisation and refinement chosen on val)
+    beside the trivial baselines, best test IoU first, with the model's test accuracy."""
     metrics = inputs.metrics.get("gradcam_segment")
     if metrics is None:
         return []
     if not metrics.get("iou_computed", False):
         return [Missing(metrics.get("reason", "IoU was not computed (no ground-truth masks)."))]
-    rows = []
-    for model in MODELS:
-        for method, v in (metrics.get(model) or {}).items():
-            rows.append((model, method, str(v.get("binarization", "")),
-                         fmt(v.get("val_mean_iou")), fmt(v.get("mean_iou")),
-                         fmt(v.get("median_iou")), fmt(v.get("mean_dice"))))
-    for name, v in (metrics.get("baselines") or {}).items():
-        rows.append(("trivial baseline", name, "", "", fmt(v.get("mean_iou")),
-                     fmt(v.get("median_iou")), fmt(v.get("mean_dice"))))
     images = metrics.get("images") or {}
-    return [Table(("model", "method", "binarisation (chosen on val)", "val mean IoU",
-                   "test mean IoU", "test median IoU", "test mean Dice"), tuple(rows),
-                  "Saliency masks against the ground-truth masks" + (
-                      f" ({images.get('val')} val, {images.get('test')} test images)"
-                      if isinstance(images, dict) and images else ""))]
+    counted = (f"{images.get('val')} val, {images.get('test')} test images"
+               if isinstance(images, dict) and images else "")
+    priors = [(f"prior: {name}", "", "", "", fmt(v.get("mean_iou")), fmt(v.get("median_iou")),
+               fmt(v.get("mean_dice")), v.get("mean_iou"))
+              for name, v in (metrics.get("baselines") or {}).items()]
+    accuracy = metrics.get("test_accuracy") or {}
+    blocks: list[Block] = []
+    for model in MODELS:
+        methods = metrics.get(model) or {}
+        if not methods:
+            continue
+        rows = [(method, f"{v.get('binarization', '')}, {v.get('refinement', 'none')}",
+                 fmt(v.get("val_mean_iou")), fmt(v.get("mean_iou_unrefined")),
+                 fmt(v.get("mean_iou")), fmt(v.get("median_iou")), fmt(v.get("mean_dice")),
+                 v.get("mean_iou")) for method, v in methods.items()]
+        rows = sorted(rows + priors, key=lambda row: -(row[-1] if row[-1] is not None else -1))
+        caption = f"{model} model: saliency masks against the ground truth"
+        if accuracy.get(model) is not None:
+            caption += f"; test accuracy {fmt(accuracy[model])}"
+        blocks.append(Table(("method", "binarisation, refinement (chosen on val)", "val IoU",
+                             "test IoU unrefined", "test mean IoU", "test median IoU",
+                             "test mean Dice"), tuple(row[:-1] for row in rows),
+                            caption + (f" ({counted})" if counted else "")))
+    return blocks
 
 
 def experiments(inputs: Inputs) -> list[Block]:

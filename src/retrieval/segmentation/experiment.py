@@ -1,9 +1,13 @@
-"""The segmentation experiment on a split table: explain, binarise, score (gradcam_segment).
+"""The segmentation experiment on a split table: explain, binarise, refine, score
+(gradcam_segment).
 
-Per (model, method), the binarisation with the best mean IoU on validation is applied unchanged
-to test. A flat map (no evidence anywhere) gives an empty mask. The trivial baselines are a
-centred ellipse covering the mean foreground fraction of the training masks, and the
-all-foreground mask, scored on the same test images.
+Per (model, method), the binarisation with the best mean IoU on validation is chosen first, then,
+with it, the refinement (``refine``: GrabCut, largest component) with the best mean IoU on
+validation; both are applied unchanged to test. A flat map (no evidence anywhere) gives an empty
+mask. The trivial baselines (priors) are a centred ellipse and a centred square, each covering
+the mean foreground fraction of the training masks, and the all-foreground mask, scored on the
+same test images. Each model's test accuracy (its predicted class: the largest logit, or the
+nearest class prototype) is reported beside its IoU.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm import tqdm
 
 from retrieval import cam, data, rng, transforms
 from retrieval.cache import ImageCache
 from retrieval.config import GradcamConfig
+from retrieval.segmentation import refine
 from retrieval.segmentation.explainers import Explainer, explain, with_prototypes
 from retrieval.segmentation.geometry import align_mask, oriented_size, restore_mask
 
@@ -31,6 +37,7 @@ class SplitImages:
     truth: np.ndarray  # (N, s, s) bool ground truth in the model view (False where none)
     has_truth: np.ndarray  # (N,) bool: the image has a mask
     sizes: np.ndarray  # (N, 2) each image's own (height, width)
+    views: np.ndarray  # (N, 3, s, s) uint8 model views (decoded once, explained by every model)
 
     @property
     def labels(self) -> list[str]:
@@ -38,7 +45,7 @@ class SplitImages:
 
 
 def split_images(table: pd.DataFrame, split: str, max_images: int, seed: int,
-                 image_size: int) -> SplitImages:
+                 image_size: int, images: ImageCache) -> SplitImages:
     positions = np.flatnonzero(table["split"].to_numpy() == split)
     positions = positions[rng.subsample(len(positions), max_images, seed,
                                         rng.Subsample[f"SEGMENT_{split.upper()}"])]
@@ -48,7 +55,9 @@ def split_images(table: pd.DataFrame, split: str, max_images: int, seed: int,
     for i in np.flatnonzero(has_truth):
         truth[i] = align_mask(data.load_mask(rows["mask_file"].iloc[i]), image_size)
     sizes = np.array([oriented_size(f) for f in rows["file"]], dtype=int).reshape(-1, 2)
-    return SplitImages(rows, positions, truth, has_truth, sizes)
+    views = (transforms.eval_crop(image_size)(images.batch(positions)).numpy() if len(positions)
+             else np.zeros((0, 3, image_size, image_size), np.uint8))
+    return SplitImages(rows, positions, truth, has_truth, sizes, views)
 
 
 def foreground_fraction(mask_files: Sequence[str], image_size: int) -> float | None:
@@ -77,15 +86,31 @@ class Overlays:
 
 
 @dataclass
+class Extremes:
+    """The best and worst test images (by IoU) of one (model, method)."""
+
+    positions: np.ndarray  # (K,) rows of the test split: best first, then worst
+    maps: np.ndarray  # (K, s, s)
+    masks: np.ndarray  # (K, s, s) bool
+    ious: np.ndarray  # (K,)
+
+
+@dataclass
 class SegmentationResult:
-    scores: pd.DataFrame  # model, method, file, label, iou, dice: test images with a mask
-    choices: pd.DataFrame  # model, method, target, view, binarization, val_mean_iou, flat_maps
-    baselines: pd.DataFrame  # baseline (ellipse | full), file, label, iou, dice
+    scores: pd.DataFrame  # model, method, file, label, iou, dice, iou_unrefined: test, masked
+    choices: pd.DataFrame  # model, method, target, view, binarization, refinement,
+    #                        val_mean_iou_unrefined, val_mean_iou, flat_maps
+    baselines: pd.DataFrame  # baseline (ellipse | square | full), file, label, iou, dice
     foreground_fraction: float | None  # of the training masks, in the model view
     images: dict[str, int]  # explained and scored images per split
     overlays: Overlays
     prototype_classes_from_split: int  # classes absent from train (class-disjoint splits)
     explainers: list[Explainer]  # with their class prototypes
+    accuracy: dict[str, float]  # model -> test accuracy of its predicted class
+    extremes: dict[tuple[str, str], Extremes]  # (model, method) -> best and worst test images
+    test_views: np.ndarray  # (N, 3, s, s) uint8: the test images explained
+    test_labels: list[str]
+    test_truth: np.ndarray  # (N, s, s) bool (all False where an image has no mask)
 
     @property
     def iou_computed(self) -> bool:
@@ -105,9 +130,10 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
     # only the overlay figures' test images are explained (Caltech-101: 25 minutes -> seconds);
     # `retrieval segment` makes masks for any other image.
     has_masks = bool((table["mask_file"] != "").any())
-    val = split_images(table, "val", settings.max_images if has_masks else 0, seed, image_size)
+    val = split_images(table, "val", settings.max_images if has_masks else 0, seed, image_size,
+                       images)
     test = split_images(table, "test", settings.max_images if has_masks else settings.overlays,
-                        seed, image_size)
+                        seed, image_size, images)
     train = table[table["split"] == "train"]
     train_masks = train["mask_file"].iloc[rng.subsample(len(train), settings.max_images, seed,
                                                         rng.Subsample.SEGMENT_PRIOR_MASKS)]
@@ -119,42 +145,51 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
     reference = np.flatnonzero((table["split"] == "train") | orphans)
     explainers = [with_prototypes(e, images, reference, table["label"].iloc[reference].tolist(),
                                   image_size, precision) for e in explainers]
+    accuracy = {e.name: float(np.mean(np.array(predicted_labels(e, test.views,
+                                                                settings.batch_size))
+                                      == np.array(test.labels))) if len(test.rows) else np.nan
+                for e in explainers}
 
     shown = rng.subsample(len(test.rows), settings.overlays, seed, rng.Subsample.SEGMENT_OVERLAYS)
-    crop = transforms.eval_crop(image_size)
-    overlays = Overlays(crop(images.batch(test.indices[shown])).numpy() if len(shown) else
-                        np.zeros((0, 3, image_size, image_size), np.uint8),
-                        [test.labels[i] for i in shown], test.truth[shown], test.has_truth[shown])
+    overlays = Overlays(test.views[shown], [test.labels[i] for i in shown], test.truth[shown],
+                        test.has_truth[shown])
     candidates = [cam.parse_binarization(text) for text in settings.binarize]
-    scores, choices = [], []
+    refinements = [refine.parse_refinement(text) for text in settings.refine]
+    scores, choices, extremes = [], [], {}
     pairs = [(explainer, method) for explainer in explainers for method in settings.methods]
     for explainer, method in tqdm(pairs, desc="saliency", unit="model x method"):
-        setting, val_iou = candidates[0], None  # without validation masks: the first one
+        # Without validation masks: the first candidates.
+        setting, refinement, val_raw, val_iou = candidates[0], refinements[0], None, None
         if val.has_truth.any():
-            val_maps = saliency_over(explainer, method, images, val, image_size,
-                                     settings.batch_size)
-            setting, val_iou = choose_setting(val_maps, val, candidates)
-        maps = saliency_over(explainer, method, images, test, image_size, settings.batch_size)
-        masks = binarize_maps(maps, setting)  # (N, s, s)
+            val_maps = saliency_over(explainer, method, val, settings.batch_size)
+            setting, val_raw = choose_setting(val_maps, val, candidates)
+            refinement, val_iou = choose_refinement(val_maps, val, setting, refinements)
+        maps = saliency_over(explainer, method, test, settings.batch_size)
+        raw = binarize_maps(maps, setting)  # (N, s, s)
+        masks = refine.refine_batch(test.views, maps, raw, refinement)
         for i, (_, row) in enumerate(test.rows.iterrows()):
             write_mask(explainer.name, method, row, restore_mask(masks[i], *test.sizes[i]))
-        scores.append(_score(masks, test).assign(model=explainer.name, method=method))
+        scored = _score(masks, test).assign(
+            model=explainer.name, method=method,
+            iou_unrefined=cam.iou_batch(raw[test.has_truth], test.truth[test.has_truth]))
+        scores.append(scored)
         choices.append({"model": explainer.name, "method": method, "target": explainer.target,
                         "view": explainer.view, "binarization": cam.format_binarization(setting),
-                        "val_mean_iou": val_iou,
+                        "refinement": refine.format_refinement(refinement),
+                        "val_mean_iou_unrefined": val_raw, "val_mean_iou": val_iou,
                         "flat_maps": float(constant_maps(maps).mean()) if len(maps) else 0.0})
         key = (explainer.name, method)
         overlays.maps[key], overlays.masks[key] = maps[shown], masks[shown]
         overlays.ious[key] = _iou_or_nan(masks[shown], test.truth[shown], test.has_truth[shown])
+        extremes[key] = _extremes(maps, masks, test, settings.overlays)
 
     baselines = []
     if fraction is not None:
         size = (image_size, image_size)
-        for name, mask in (("ellipse", cam.centered_ellipse_mask(*size, fraction)),
-                           ("full", cam.full_mask(*size))):
+        for name, mask in prior_masks(image_size, fraction).items():
             masks = np.broadcast_to(mask, (len(test.rows), *size))
             baselines.append(_score(masks, test).assign(baseline=name))
-    columns = ["model", "method", "file", "label", "iou", "dice"]
+    columns = ["model", "method", "file", "label", "iou", "dice", "iou_unrefined"]
     return SegmentationResult(
         scores=pd.concat(scores)[columns] if scores else pd.DataFrame(columns=columns),
         choices=pd.DataFrame(choices),
@@ -166,7 +201,38 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
                 "test": len(test.rows), "test_scored": int(test.has_truth.sum())},
         overlays=overlays,
         prototype_classes_from_split=int(table.loc[orphans, "label"].nunique()),
-        explainers=explainers)
+        explainers=explainers, accuracy=accuracy, extremes=extremes,
+        test_views=test.views, test_labels=test.labels, test_truth=test.truth)
+
+
+def prior_masks(image_size: int, foreground_fraction: float) -> dict[str, np.ndarray]:
+    """The trivial baselines, (s, s) bool each: what any saliency mask has to beat."""
+    size = (image_size, image_size)
+    return {"ellipse": cam.centered_ellipse_mask(*size, foreground_fraction),
+            "square": cam.centered_box_mask(*size, foreground_fraction),
+            "full": cam.full_mask(*size)}
+
+
+def predicted_labels(explainer: Explainer, views: np.ndarray, batch_size: int) -> list[str]:
+    """The class each uint8 model view (N, 3, s, s) is predicted to show."""
+    predicted: list[str] = []
+    for start in range(0, len(views), batch_size):
+        batch = transforms.normalize(torch.from_numpy(views[start:start + batch_size])
+                                     .to(explainer.device), explainer.normalization)
+        predicted += explainer.predict(batch)
+    return predicted
+
+
+def _extremes(maps: np.ndarray, masks: np.ndarray, split: SplitImages, count: int) -> Extremes:
+    """The ``count // 2`` best and as many worst scored images (fewer when few are scored)."""
+    scored = np.flatnonzero(split.has_truth)
+    ious = cam.iou_batch(masks[scored], split.truth[scored]) if len(scored) else np.zeros(0)
+    order = scored[np.argsort(-ious, kind="stable")]
+    half = min(count // 2, len(order) // 2)
+    positions = np.concatenate([order[:half], order[len(order) - half:]]).astype(int)
+    return Extremes(positions, maps[positions], masks[positions],
+                    cam.iou_batch(masks[positions], split.truth[positions])
+                    if len(positions) else np.zeros(0))
 
 
 def choose_setting(maps: np.ndarray, split: SplitImages,
@@ -179,13 +245,26 @@ def choose_setting(maps: np.ndarray, split: SplitImages,
     return candidates[best], float(scores[best])
 
 
-def saliency_over(explainer: Explainer, method: str, images: ImageCache, split: SplitImages,
-                  image_size: int, batch_size: int) -> np.ndarray:
+def choose_refinement(maps: np.ndarray, split: SplitImages, setting: cam.Binarization,
+                      refinements: Sequence[refine.Refinement]
+                      ) -> tuple[refine.Refinement, float]:
+    """(the refinement with the best mean IoU on the split's images that have a mask, after
+    binarising with ``setting``; that IoU). The first one on ties."""
+    keep = split.has_truth
+    raw = binarize_maps(maps[keep], setting)
+    scores = [cam.iou_batch(refine.refine_batch(split.views[keep], maps[keep], raw, steps),
+                            split.truth[keep]).mean() for steps in refinements]
+    best = int(np.argmax(scores))
+    return refinements[best], float(scores[best])
+
+
+def saliency_over(explainer: Explainer, method: str, split: SplitImages,
+                  batch_size: int) -> np.ndarray:
     """(N, s, s) maps of a split's images, ``batch_size`` images per saliency call."""
-    crop = transforms.eval_crop(image_size)
-    maps = [np.zeros((0, image_size, image_size), np.float32)]
-    for start in range(0, len(split.indices), batch_size):
-        views = crop(images.batch(split.indices[start:start + batch_size]))
+    size = split.views.shape[-1]
+    maps = [np.zeros((0, size, size), np.float32)]
+    for start in range(0, len(split.views), batch_size):
+        views = torch.from_numpy(split.views[start:start + batch_size])
         maps.append(explain(explainer, method, views, split.labels[start:start + batch_size]))
     return np.concatenate(maps)
 

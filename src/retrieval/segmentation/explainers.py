@@ -78,6 +78,7 @@ class Explainer:
     target: str  # "prototype": cosine to a class prototype | "logit": the predicted class logit
     view: str = "embedding"  # embedding | backbone (pooled descriptor) | classifier
     prototypes: dict[str, np.ndarray] = field(default_factory=dict)  # label -> unit (D,)
+    classes: list[str] = field(default_factory=list)  # a classifier's class of each logit
 
     @property
     def device(self) -> torch.device:
@@ -87,16 +88,23 @@ class Explainer:
     def normalization(self) -> transforms.Normalization:
         return getattr(self.model, "net", self.model).normalization  # the wrapped EmbeddingNet
 
-    def predict(self, images: torch.Tensor) -> list[str] | list[int]:
-        """The predicted class of each normalised image (B, 3, s, s): the largest logit, or the
-        label of the nearest prototype (largest cosine)."""
+    def predicted_indices(self, images: torch.Tensor) -> list[int]:
+        """For a classifier: the index of the largest logit of each normalised image."""
         with torch.no_grad():
-            output = self.model(images.to(self.device)).float().cpu()  # (B, C) or (B, D)
+            return self.model(images.to(self.device)).float().argmax(dim=1).cpu().tolist()
+
+    def predict(self, images: torch.Tensor) -> list[str]:
+        """The predicted class of each normalised image (B, 3, s, s): the class of the largest
+        logit, or the label of the nearest prototype (largest cosine)."""
         if self.target == "logit":
-            return output.argmax(dim=1).tolist()
+            if not self.classes:
+                raise ValueError(f"{self.name} is a classifier without class names")
+            return [self.classes[i] for i in self.predicted_indices(images)]
         labels = list(self.prototypes)
         if not labels:
             raise ValueError(f"{self.name} has no class prototypes: call with_prototypes first")
+        with torch.no_grad():
+            output = self.model(images.to(self.device)).float().cpu()  # (B, D)
         matrix = torch.from_numpy(np.stack([self.prototypes[label] for label in labels]))
         return [labels[i] for i in (F.normalize(output, dim=1) @ matrix.T).argmax(dim=1)]
 
@@ -105,7 +113,7 @@ class Explainer:
         """One target per image: the prototype of its class (``labels`` given) or of its
         predicted class; for classifiers always the predicted class logit."""
         if self.target == "logit":
-            return [cam.ClassLogit(index) for index in self.predict(images)]
+            return [cam.ClassLogit(index) for index in self.predicted_indices(images)]
         if labels is None:
             labels = self.predict(images)
         missing = sorted(set(labels) - set(self.prototypes))
@@ -114,11 +122,14 @@ class Explainer:
         return [cam.SimilarityToPrototype(self.prototypes[label]) for label in labels]
 
 
-def model_explainer(name: str, net: models.EmbeddingNet) -> Explainer:
-    """A trained network: its classifier's predicted logit if it has one, else its embedding."""
+def model_explainer(name: str, net: models.EmbeddingNet,
+                    classes: Sequence[str] = ()) -> Explainer:
+    """A trained network: its classifier's predicted logit if it has one (``classes``: the
+    checkpoint's class names, one per logit), else its embedding."""
     net.eval()
     if net.classifier is not None:
-        return Explainer(name, ClassifierLogits(net).eval(), "logit", "classifier")
+        return Explainer(name, ClassifierLogits(net).eval(), "logit", "classifier",
+                         classes=list(classes))
     return Explainer(name, net, "prototype", "embedding")
 
 
@@ -149,13 +160,16 @@ def explain(explainer: Explainer, method: str, views: torch.Tensor,
 
 
 def save_explainer(path: str | Path, explainer: Explainer, model_file: str | Path,
-                   binarizations: dict[str, str]) -> None:
-    """Prototypes, view and the chosen binarisation per method, tied to one checkpoint file."""
+                   binarizations: dict[str, str], refinements: dict[str, str] | None = None,
+                   best_method: str | None = None) -> None:
+    """Prototypes, view, the binarisation and refinement chosen per method and the best method
+    (all on val), tied to one checkpoint file."""
     labels = list(explainer.prototypes)
     prototypes = (np.stack([explainer.prototypes[label] for label in labels]) if labels
                   else np.zeros((0, 0), np.float32))
     meta = {"name": explainer.name, "target": explainer.target, "view": explainer.view,
-            "model_sha256": outputs.file_digest(model_file), "binarization": binarizations}
+            "model_sha256": outputs.file_digest(model_file), "binarization": binarizations,
+            "refinement": refinements or {}, "best_method": best_method}
     with outputs.atomic_path(path) as temp, open(temp, "wb") as stream:
         np.savez(stream, labels=np.array(labels, dtype=str), prototypes=prototypes,
                  meta=np.array(json.dumps(meta, sort_keys=True)))
@@ -163,12 +177,16 @@ def save_explainer(path: str | Path, explainer: Explainer, model_file: str | Pat
 
 def load_explainer(model_file: str | Path, explainer_file: str | Path | None
                    ) -> tuple[Explainer, dict, dict]:
-    """(explainer, checkpoint, binarisation per method) for a checkpoint and, for embedding
-    models, the explainer file the gradcam_segment stage wrote for it."""
+    """(explainer, checkpoint, choices) for a checkpoint and, for embedding models, the explainer
+    file the gradcam_segment stage wrote for it. ``choices`` holds what gradcam_segment chose on
+    val: {"binarization": {method: setting}, "refinement": {method: setting}, "best_method"}
+    (empty dicts and None without an explainer file)."""
     net, checkpoint = models.load_model(model_file)
+    classes = checkpoint.get("classes", [])
     if explainer_file is None or not Path(explainer_file).is_file():
         if net.classifier is not None:
-            return model_explainer("model", net), checkpoint, {}
+            return (model_explainer("model", net, classes), checkpoint,
+                    {"binarization": {}, "refinement": {}, "best_method": None})
         where = f" ({explainer_file} does not exist)" if explainer_file else ""
         raise UserError(f"{model_file} is an embedding model: its saliency needs class "
                         f"prototypes{where}. Run `dvc repro gradcam_segment` and pass "
@@ -187,6 +205,8 @@ def load_explainer(model_file: str | Path, explainer_file: str | Path | None
     if meta["view"] == "backbone":
         explainer = backbone_explainer(meta["name"], net)
     else:
-        explainer = model_explainer(meta["name"], net)
+        explainer = model_explainer(meta["name"], net, classes)
     explainer.prototypes = dict(zip(labels, prototypes.astype(np.float32), strict=True))
-    return explainer, checkpoint, meta["binarization"]
+    return explainer, checkpoint, {"binarization": meta["binarization"],
+                                   "refinement": meta.get("refinement", {}),
+                                   "best_method": meta.get("best_method")}

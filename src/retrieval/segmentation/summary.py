@@ -1,5 +1,5 @@
 """The tables and the metrics JSON of a segmentation result: test IoU/Dice per (model, method),
-per class and for the trivial baselines."""
+per class and for the trivial baselines (priors), and each model's test accuracy."""
 
 from __future__ import annotations
 
@@ -18,19 +18,31 @@ def _stats(frame: pd.DataFrame) -> dict[str, float]:
 
 def summary_table(result: SegmentationResult) -> pd.DataFrame:
     """One row per (model, method) and per trivial baseline: test IoU/Dice, mean and median;
-    flat_maps is the fraction of test maps that point at nothing (empty masks)."""
+    mean_iou_unrefined is the test IoU before the refinement chosen on val; flat_maps is the
+    fraction of test maps that point at nothing (empty masks)."""
     rows = []
     for choice in result.choices.to_dict("records"):
         frame = result.scores[(result.scores["model"] == choice["model"])
                               & (result.scores["method"] == choice["method"])]
-        rows.append({**choice, **(_stats(frame) if len(frame) else {})})
+        stats = ({**_stats(frame), "mean_iou_unrefined": float(frame["iou_unrefined"].mean())}
+                 if len(frame) else {})
+        rows.append({**choice, "test_accuracy": result.accuracy.get(choice["model"]), **stats})
     for name, frame in result.baselines.groupby("baseline", sort=False):
-        setting = f"fraction {result.foreground_fraction:.3f}" if name == "ellipse" else ""
+        setting = (f"fraction {result.foreground_fraction:.3f}" if name in ("ellipse", "square")
+                   else "")
         rows.append({"model": "trivial", "method": name, "binarization": setting,
                      **_stats(frame)})
-    columns = ["model", "method", "target", "binarization", "flat_maps", "val_mean_iou",
+    columns = ["model", "method", "target", "test_accuracy", "binarization", "refinement",
+               "flat_maps", "val_mean_iou_unrefined", "val_mean_iou", "mean_iou_unrefined",
                "mean_iou", "median_iou", "mean_dice", "median_dice", "images"]
     return pd.DataFrame(rows).reindex(columns=columns)
+
+
+def model_table(table: pd.DataFrame, model: str) -> pd.DataFrame:
+    """One model's rows of ``summary_table`` and the priors' rows, best test IoU first: the
+    table the report shows per model."""
+    rows = table[table["model"].isin([model, "trivial"])]
+    return rows.sort_values("mean_iou", ascending=False, kind="stable").reset_index(drop=True)
 
 
 def per_class_table(result: SegmentationResult) -> pd.DataFrame:
@@ -57,24 +69,34 @@ def metrics(result: SegmentationResult) -> dict:
         summary["reason"] = ("no ground-truth masks for the test images: IoU was not computed "
                              "(set data.masks to a masks folder parallel to data.root)")
     table = summary_table(result)
+    summary["test_accuracy"] = {name: value for name, value in result.accuracy.items()}
     for row in table[table["model"] != "trivial"].to_dict("records"):
-        entry = {"binarization": row["binarization"], "target": row["target"],
-                 "flat_maps": row["flat_maps"]}
+        entry = {"binarization": row["binarization"], "refinement": row["refinement"],
+                 "target": row["target"], "flat_maps": row["flat_maps"]}
         if result.iou_computed:
             entry.update({k: row[k] for k in ("mean_iou", "median_iou", "mean_dice",
-                                              "median_dice", "val_mean_iou")})
+                                              "median_dice", "mean_iou_unrefined",
+                                              "val_mean_iou_unrefined", "val_mean_iou")})
         summary.setdefault(row["model"], {})[row["method"]] = entry
     if result.iou_computed:
         summary["baselines"] = {
             row["method"]: {k: row[k] for k in ("mean_iou", "median_iou", "mean_dice",
                                                 "median_dice")}
             for row in table[table["model"] == "trivial"].to_dict("records")}
-        # The method of each model with the best validation IoU (chosen without test labels).
-        chosen = result.choices.dropna(subset=["val_mean_iou"])
-        if len(chosen):
-            best = chosen.loc[chosen.groupby("model", sort=False)["val_mean_iou"].idxmax()]
-            summary["best_method"] = dict(zip(best["model"], best["method"], strict=True))
+        chosen = best_methods(result)
+        if chosen:
+            summary["best_method"] = chosen
     return summary
+
+
+def best_methods(result: SegmentationResult) -> dict[str, str]:
+    """model -> its method with the best validation IoU (chosen without test labels)."""
+    chosen = result.choices.dropna(subset=["val_mean_iou"]) if len(result.choices) else \
+        result.choices
+    if not len(chosen):
+        return {}
+    best = chosen.loc[chosen.groupby("model", sort=False)["val_mean_iou"].idxmax()]
+    return dict(zip(best["model"], best["method"], strict=True))
 
 
 def markdown_table(table: pd.DataFrame) -> str:
