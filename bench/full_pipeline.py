@@ -28,6 +28,15 @@ EXPERIMENTS = {
     "caltech_disjoint": {"data": CALTECH, "split": {"mode": "class_disjoint"},
                          "train_unfrozen": FAST_FINE_TUNING},
     "leeds": {"data": LEEDS, "train_unfrozen": FAST_FINE_TUNING},
+    # Issue 14's segmentation experiments (README, "Segmentation for free").
+    "leeds_segment": {"data": LEEDS},
+    "leeds_ce": {"data": LEEDS, "train": {"loss": "cross_entropy"}},
+    "leeds_scratch": {"data": {**LEEDS, "image_size": 128}, "lr": 0.001,
+                      "model": {"backbone": "cifar_resnet", "cifar_n": 2, "weights": "none",
+                                "head": "none"},
+                      "train": {"loss": "cross_entropy"}, "train_frozen": {"epochs": 5},
+                      "train_unfrozen": {"init": "scratch", "backbone_lr_mult": 1.0,
+                                         "batchnorm": "train", "epochs": 30}},
 }
 RSS_LIMIT_GIB = 6.0
 MODELS = ("baseline", "frozen", "unfrozen")
@@ -35,7 +44,8 @@ MODELS = ("baseline", "frozen", "unfrozen")
 
 def run_experiment(name: str, quick: bool, workdir: Path) -> dict:
     """Run every stage of one experiment; per-stage seconds and RSS, and the test metrics."""
-    real = not quick and (common.LEEDS if name == "leeds" else common.CALTECH).is_dir()
+    real = not quick and (common.LEEDS if name.startswith("leeds") else
+                          common.CALTECH).is_dir()
     rows = []
     with tempfile.TemporaryDirectory(dir=workdir) as temp:
         repo = pipeline.make_repo(Path(temp) / "repo", workdir,

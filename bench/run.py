@@ -30,7 +30,9 @@ import common
 
 ROWS = {1: "extraction", 2: "training", 3: "frozen_cache", 4: "image_cache", 5: "search",
         6: "mining", 7: "dvc_noop", 8: "full_pipeline", 9: "numerics", 10: "pretrained",
-        11: "class_disjoint", 12: "leeds"}
+        11: "class_disjoint", 12: "leeds", 13: "segmentation:run_13",
+        14: "segmentation:run_14", 15: "segmentation:run_15"}  # "module" (its run) or
+#                                                                "module:function"
 RESULTS = common.REPO / "bench" / "results"
 MARKDOWN = common.REPO / "BENCHMARKS.md"
 WORKDIR = common.REPO / ".cache" / "bench"  # decoded subsets, reused (content-addressed)
@@ -49,16 +51,22 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
+def name(row: int) -> str:
+    """The row's file-name part: its module, or module_function."""
+    return ROWS[row].replace(":", "_")
+
+
 def run_row(row: int, quick: bool, workdir: Path, results: Path) -> None:
     """Child process: run one row's module and write its JSON (an error becomes a failed row)."""
     started, load_before = time.perf_counter(), common.load_average()
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        result = importlib.import_module(ROWS[row]).run(quick, workdir)
+        module, _, function = ROWS[row].partition(":")
+        result = getattr(importlib.import_module(module), function or "run")(quick, workdir)
         record = dataclasses.asdict(result)
     except Exception as error:  # the table shows the failure; the other rows still run
         traceback.print_exc()
-        record = {"row": row, "name": ROWS[row], "what": ROWS[row], "conditions": "",
+        record = {"row": row, "name": name(row), "what": name(row), "conditions": "",
                   "figure": f"error: {type(error).__name__}: {error}"[:300], "target": "",
                   "passed": False, "details": {}, "notes": [], "error": True}
     record.update(quick=quick, seconds=round(time.perf_counter() - started, 1),
@@ -66,7 +74,7 @@ def run_row(row: int, quick: bool, workdir: Path, results: Path) -> None:
                   peak_rss_gib=round(common.peak_rss_gib(), 3), machine=common.machine(),
                   date=datetime.datetime.now().isoformat(timespec="seconds"))
     results.mkdir(parents=True, exist_ok=True)
-    path = results / f"row{row}_{ROWS[row]}.json"
+    path = results / f"row{row}_{name(row)}.json"
     temp = path.with_suffix(".json.tmp")
     temp.write_text(json.dumps(record, indent=2, default=float) + "\n")
     os.replace(temp, path)
@@ -75,19 +83,19 @@ def run_row(row: int, quick: bool, workdir: Path, results: Path) -> None:
 def spawn(row: int, args: argparse.Namespace) -> bool:
     """Run one row in a fresh process (its output in <workdir>/logs/); True when no error.
     Quick mode runs the rows in this process instead: imports alone would take most of it."""
-    print(f"row {row} ({ROWS[row]}) ...", flush=True)
+    print(f"row {row} ({name(row)}) ...", flush=True)
     started = time.perf_counter()
     if args.quick:
         run_row(row, args.quick, args.workdir, args.results)
     else:
-        log = args.workdir / "logs" / f"row{row}_{ROWS[row]}.log"
+        log = args.workdir / "logs" / f"row{row}_{name(row)}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         command = [sys.executable, __file__, "--row", str(row), "--results", str(args.results),
                    "--workdir", str(args.workdir)]
         with open(log, "w") as out:
             subprocess.run(command, env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
                            stdout=out, stderr=subprocess.STDOUT, check=False)
-    path = args.results / f"row{row}_{ROWS[row]}.json"
+    path = args.results / f"row{row}_{name(row)}.json"
     record = json.loads(path.read_text()) if path.is_file() else {"error": True}
     print(f"row {row}: {record.get('figure', 'no result')} "
           f"[{time.perf_counter() - started:.0f} s]", flush=True)

@@ -375,3 +375,26 @@ def test_each_model_reports_its_test_accuracy(tmp_path):
     table = summary.model_table(summary.summary_table(result), "classifier")
     assert set(table["model"]) == {"classifier", "trivial"}
     assert table["mean_iou"].is_monotonic_decreasing
+
+
+def test_a_method_made_of_others_reuses_their_maps(tmp_path, monkeypatch):
+    calls = []
+    for name in ("gradcam", "guided_backprop"):
+        entry = cam.SALIENCY_METHODS[name]
+
+        def counted(model, images, targets, compute=entry.compute, name=name):
+            calls.append(name)
+            return compute(model, images, targets)
+        monkeypatch.setitem(cam.SALIENCY_METHODS, name,
+                            cam.SaliencyMethod(counted, entry.needs_target_layer))
+    run_evaluate(tmp_path / "a", masks=True, methods=("gradcam", "guided_backprop"))
+    alone = len(calls)
+    _, result, _ = run_evaluate(tmp_path / "b", masks=True,
+                                methods=("gradcam", "guided_backprop", "guided_gradcam"))
+    assert len(calls) == 2 * alone  # guided_gradcam added no backward pass
+    for model in ("baseline", "frozen"):
+        maps = result.overlays.maps
+        np.testing.assert_allclose(
+            maps[(model, "guided_gradcam")],
+            cam._product([maps[(model, "gradcam")], maps[(model, "guided_backprop")]]),
+            atol=1e-6)

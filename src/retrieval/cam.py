@@ -108,6 +108,9 @@ def saliency_maps(
     if len(targets) != len(images):
         raise ValueError(f"targets must have one entry per image: {len(targets)} for {len(images)}")
     entry = SALIENCY_METHODS[method]
+    if entry.parts:  # made of other methods' maps
+        return entry.combine([saliency_maps(model, images, targets, part)
+                              for part in entry.parts])
     if entry.needs_target_layer and not isinstance(getattr(model, "target_layer", None),
                                                    nn.Module):
         raise ValueError(f"{method} needs model.target_layer (an nn.Module); the model has none")
@@ -188,12 +191,8 @@ def cam_layers(model: nn.Module) -> list[nn.Module]:
     return [*getattr(model, "fine_layers", ()), model.target_layer]
 
 
-def _guided_gradcam(
-    model: nn.Module, images: torch.Tensor, targets: Sequence[Target]
-) -> np.ndarray:
-    # Selvaraju et al.: the pixel-sharp guided gradients, gated by where Grad-CAM looks.
-    product = _gradcam(model, images, targets) * _guided_backprop(model, images, targets)
-    return _normalized(product)
+def _product(maps: Sequence[np.ndarray]) -> np.ndarray:
+    return _normalized(np.prod(np.stack(maps), axis=0)).astype(np.float32)
 
 
 def _input_gradient(
@@ -280,8 +279,12 @@ class SaliencyMethod:
 
     # (model, images (B, C, H, W) requiring grad, one target per image) -> (B, H, W) in [0, 1];
     # called in eval mode with frozen parameters and grad enabled (see ``saliency_maps``).
-    compute: Callable[[nn.Module, torch.Tensor, Sequence[Target]], np.ndarray]
+    compute: Callable[[nn.Module, torch.Tensor, Sequence[Target]], np.ndarray] | None
     needs_target_layer: bool = False  # explains model.target_layer (the last conv block)
+    # A method made of other methods' maps: ``combine(maps of parts)``; callers that computed
+    # the parts already (gradcam_segment) reuse them.
+    parts: tuple[str, ...] = ()
+    combine: Callable[[Sequence[np.ndarray]], np.ndarray] | None = None
 
 
 SALIENCY_METHODS: dict[str, SaliencyMethod] = {
@@ -291,8 +294,10 @@ SALIENCY_METHODS: dict[str, SaliencyMethod] = {
     # LayerCAM (Jiang et al. 2021) on model.fine_layers and the target layer, fused: the
     # earlier stages' finer grid (Lite0 at 160 px: 10x10 against 5x5) outlines the object.
     "layercam": SaliencyMethod(_layer_cam, needs_target_layer=True),
-    # Guided Grad-CAM: guided backprop times Grad-CAM.
-    "guided_gradcam": SaliencyMethod(_guided_gradcam, needs_target_layer=True),
+    # Guided Grad-CAM (Selvaraju et al.): the pixel-sharp guided gradients, gated by where
+    # Grad-CAM looks; their product, min-max normalised.
+    "guided_gradcam": SaliencyMethod(None, parts=("gradcam", "guided_backprop"),
+                                     combine=_product),
     # |d target / d image|, max over channels.
     "input_gradient": SaliencyMethod(_input_gradient),
     # The same on guided gradients; only nn.ReLU modules are guided (a functional F.relu is not).

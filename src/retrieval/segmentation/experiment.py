@@ -38,6 +38,7 @@ class SplitImages:
     has_truth: np.ndarray  # (N,) bool: the image has a mask
     sizes: np.ndarray  # (N, 2) each image's own (height, width)
     views: np.ndarray  # (N, 3, s, s) uint8 model views (decoded once, explained by every model)
+    name: str = ""  # val | test
 
     @property
     def labels(self) -> list[str]:
@@ -57,7 +58,7 @@ def split_images(table: pd.DataFrame, split: str, max_images: int, seed: int,
     sizes = np.array([oriented_size(f) for f in rows["file"]], dtype=int).reshape(-1, 2)
     views = (transforms.eval_crop(image_size)(images.batch(positions)).numpy() if len(positions)
              else np.zeros((0, 3, image_size, image_size), np.uint8))
-    return SplitImages(rows, positions, truth, has_truth, sizes, views)
+    return SplitImages(rows, positions, truth, has_truth, sizes, views, split)
 
 
 def foreground_fraction(mask_files: Sequence[str], image_size: int) -> float | None:
@@ -157,14 +158,17 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
     refinements = [refine.parse_refinement(text) for text in settings.refine]
     scores, choices, extremes = [], [], {}
     pairs = [(explainer, method) for explainer in explainers for method in settings.methods]
+    computed: dict[tuple[str, str], np.ndarray] = {}  # (split, method) -> maps, one explainer's
     for explainer, method in tqdm(pairs, desc="saliency", unit="model x method"):
+        if method == settings.methods[0]:
+            computed.clear()
         # Without validation masks: the first candidates.
         setting, refinement, val_raw, val_iou = candidates[0], refinements[0], None, None
         if val.has_truth.any():
-            val_maps = saliency_over(explainer, method, val, settings.batch_size)
+            val_maps = split_saliency(explainer, method, val, settings.batch_size, computed)
             setting, val_raw = choose_setting(val_maps, val, candidates)
             refinement, val_iou = choose_refinement(val_maps, val, setting, refinements)
-        maps = saliency_over(explainer, method, test, settings.batch_size)
+        maps = split_saliency(explainer, method, test, settings.batch_size, computed)
         raw = binarize_maps(maps, setting)  # (N, s, s)
         masks = refine.refine_batch(test.views, maps, raw, refinement)
         for i, (_, row) in enumerate(test.rows.iterrows()):
@@ -256,6 +260,20 @@ def choose_refinement(maps: np.ndarray, split: SplitImages, setting: cam.Binariz
                             split.truth[keep]).mean() for steps in refinements]
     best = int(np.argmax(scores))
     return refinements[best], float(scores[best])
+
+
+def split_saliency(explainer: Explainer, method: str, split: SplitImages, batch_size: int,
+                   computed: dict[tuple[str, str], np.ndarray]) -> np.ndarray:
+    """``saliency_over``, reusing the maps in ``computed`` ((split, method) -> maps of this
+    explainer; filled here): a method made of other methods' maps (Guided Grad-CAM) costs no
+    extra backward pass when its parts ran already."""
+    key = (split.name, method)
+    if key not in computed:
+        entry = cam.SALIENCY_METHODS[method]
+        computed[key] = (entry.combine([split_saliency(explainer, part, split, batch_size,
+                                                       computed) for part in entry.parts])
+                         if entry.parts else saliency_over(explainer, method, split, batch_size))
+    return computed[key]
 
 
 def saliency_over(explainer: Explainer, method: str, split: SplitImages,
