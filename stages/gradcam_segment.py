@@ -105,6 +105,8 @@ def main() -> None:
         metrics = summary.metrics(result)
         outputs.write_json(paths.metrics(STAGE), metrics)
         timing = {"seconds": time.perf_counter() - started,
+                  **{f"seconds_{part.replace(' ', '_')}": value
+                     for part, value in result.seconds.items()},
                   "images_explained": (result.images["val"] + result.images["test"])
                   * len(explained) * len(params.gradcam_segment.methods)}
         outputs.write_json(paths.timing(STAGE), timing)

@@ -242,13 +242,12 @@ class EmbedVizConfig:
 
 @dataclass(frozen=True)
 class GradcamConfig:
-    methods: tuple[str, ...] = ("gradcam", "gradcam++", "layercam", "guided_backprop",
-                                "guided_gradcam")
+    methods: tuple[str, ...] = ("gradcam", "layercam", "guided_backprop", "guided_gradcam")
     # Binarisation candidates; the one with the best mean IoU on validation is applied to test.
     binarize: tuple[str, ...] = ("otsu", "top_percent:10", "top_percent:20", "top_percent:30",
                                  "top_percent:40", "top_percent:50", "fixed:0.5")
     # Refinement candidates, chosen on validation after the binarisation (segmentation.refine).
-    refine: tuple[str, ...] = ("none", "components", "grabcut:10/30", "grabcut:20/40")
+    refine: tuple[str, ...] = ("none", "components", "grabcut:10/30")
     overlays: int = 8  # test images shown in the overlay figures (seeded choice)
     max_images: int = 400  # per split (val, test): a seeded choice caps the cost on big datasets
     batch_size: int = 32  # images per saliency call (forward + backward); lower it if out of memory

@@ -12,7 +12,9 @@ nearest class prototype) is reported beside its IoU.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -112,6 +114,7 @@ class SegmentationResult:
     test_views: np.ndarray  # (N, 3, s, s) uint8: the test images explained
     test_labels: list[str]
     test_truth: np.ndarray  # (N, s, s) bool (all False where an image has no mask)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time per part of the work
 
     @property
     def iou_computed(self) -> bool:
@@ -144,8 +147,12 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
     # the mean of its own val/test images, which uses their labels but never their masks.
     orphans = table["split"].isin(["val", "test"]) & ~table["label"].isin(set(train["label"]))
     reference = np.flatnonzero((table["split"] == "train") | orphans)
-    explainers = [with_prototypes(e, images, reference, table["label"].iloc[reference].tolist(),
-                                  image_size, precision) for e in explainers]
+    seconds: dict[str, float] = {}
+    clock = _stopwatch(seconds)
+    with clock("prototypes"):
+        explainers = [with_prototypes(e, images, reference,
+                                      table["label"].iloc[reference].tolist(), image_size,
+                                      precision) for e in explainers]
     accuracy = {e.name: float(np.mean(np.array(predicted_labels(e, test.views,
                                                                 settings.batch_size))
                                       == np.array(test.labels))) if len(test.rows) else np.nan
@@ -165,14 +172,19 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
         # Without validation masks: the first candidates.
         setting, refinement, val_raw, val_iou = candidates[0], refinements[0], None, None
         if val.has_truth.any():
-            val_maps = split_saliency(explainer, method, val, settings.batch_size, computed)
-            setting, val_raw = choose_setting(val_maps, val, candidates)
-            refinement, val_iou = choose_refinement(val_maps, val, setting, refinements)
-        maps = split_saliency(explainer, method, test, settings.batch_size, computed)
-        raw = binarize_maps(maps, setting)  # (N, s, s)
-        masks = refine.refine_batch(test.views, maps, raw, refinement)
-        for i, (_, row) in enumerate(test.rows.iterrows()):
-            write_mask(explainer.name, method, row, restore_mask(masks[i], *test.sizes[i]))
+            with clock("saliency"):
+                val_maps = split_saliency(explainer, method, val, settings.batch_size, computed)
+            with clock("choosing on val"):
+                setting, val_raw = choose_setting(val_maps, val, candidates)
+                refinement, val_iou = choose_refinement(val_maps, val, setting, refinements)
+        with clock("saliency"):
+            maps = split_saliency(explainer, method, test, settings.batch_size, computed)
+        with clock("test masks"):
+            raw = binarize_maps(maps, setting)  # (N, s, s)
+            masks = refine.refine_batch(test.views, maps, raw, refinement)
+        with clock("writing masks"):
+            for i, (_, row) in enumerate(test.rows.iterrows()):
+                write_mask(explainer.name, method, row, restore_mask(masks[i], *test.sizes[i]))
         scored = _score(masks, test).assign(
             model=explainer.name, method=method,
             iou_unrefined=cam.iou_batch(raw[test.has_truth], test.truth[test.has_truth]))
@@ -206,7 +218,19 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
         overlays=overlays,
         prototype_classes_from_split=int(table.loc[orphans, "label"].nunique()),
         explainers=explainers, accuracy=accuracy, extremes=extremes,
-        test_views=test.views, test_labels=test.labels, test_truth=test.truth)
+        test_views=test.views, test_labels=test.labels, test_truth=test.truth, seconds=seconds)
+
+
+def _stopwatch(seconds: dict[str, float]) -> Callable[[str], AbstractContextManager]:
+    """``with clock("part"):`` adds the block's wall time to ``seconds["part"]``."""
+    @contextmanager
+    def clock(part: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - started
+    return clock
 
 
 def prior_masks(image_size: int, foreground_fraction: float) -> dict[str, np.ndarray]:
