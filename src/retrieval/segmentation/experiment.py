@@ -153,10 +153,7 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
         explainers = [with_prototypes(e, images, reference,
                                       table["label"].iloc[reference].tolist(), image_size,
                                       precision) for e in explainers]
-    accuracy = {e.name: float(np.mean(np.array(predicted_labels(e, test.views,
-                                                                settings.batch_size))
-                                      == np.array(test.labels))) if len(test.rows) else np.nan
-                for e in explainers}
+    accuracy = {e.name: split_accuracy(e, test, settings.batch_size) for e in explainers}
 
     shown = rng.subsample(len(test.rows), settings.overlays, seed, rng.Subsample.SEGMENT_OVERLAYS)
     overlays = Overlays(test.views[shown], [test.labels[i] for i in shown], test.truth[shown],
@@ -167,7 +164,7 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
     pairs = [(explainer, method) for explainer in explainers for method in settings.methods]
     computed: dict[tuple[str, str], np.ndarray] = {}  # (split, method) -> maps, one explainer's
     for explainer, method in tqdm(pairs, desc="saliency", unit="model x method"):
-        if method == settings.methods[0]:
+        if method == settings.methods[0]:  # a new explainer: its own maps only
             computed.clear()
         # Without validation masks: the first candidates.
         setting, refinement, val_raw, val_iou = candidates[0], refinements[0], None, None
@@ -239,6 +236,14 @@ def prior_masks(image_size: int, foreground_fraction: float) -> dict[str, np.nda
     return {"ellipse": cam.centered_ellipse_mask(*size, foreground_fraction),
             "square": cam.centered_box_mask(*size, foreground_fraction),
             "full": cam.full_mask(*size)}
+
+
+def split_accuracy(explainer: Explainer, split: SplitImages, batch_size: int) -> float:
+    """The fraction of the split's images whose predicted class is their label (NaN: none)."""
+    if not len(split.rows):
+        return float("nan")
+    predicted = predicted_labels(explainer, split.views, batch_size)
+    return float(np.mean(np.array(predicted) == np.array(split.labels)))
 
 
 def predicted_labels(explainer: Explainer, views: np.ndarray, batch_size: int) -> list[str]:
