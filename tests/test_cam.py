@@ -305,7 +305,13 @@ def test_class_logit_target() -> None:
 # --- saliency -------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", SALIENCY_METHODS)
+# Smoothed CAMs answer another question: aug_smooth averages flipped copies (QuadrantNet is not
+# flip-invariant), eigen_smooth's principal component has an arbitrary sign. They are checked
+# against the package instead.
+SMOOTHED = {"gradcam_eigen": {"eigen_smooth": True}, "layercam_aug": {"aug_smooth": True}}
+
+
+@pytest.mark.parametrize("method", [m for m in SALIENCY_METHODS if m not in SMOOTHED])
 def test_saliency_lies_where_the_model_looks(method: str) -> None:
     model = QuadrantNet()
     x = images(2, 64, 64)
@@ -476,3 +482,17 @@ def test_centered_box_covers_the_fraction_with_the_image_aspect(h, w, fraction) 
         assert abs(rows[0] - (h - 1 - rows[-1])) <= 1 and abs(cols[0] - (w - 1 - cols[-1])) <= 1
     with pytest.raises(ValueError, match="fraction"):
         cam.centered_box_mask(4, 4, 1.5)
+
+
+@pytest.mark.parametrize("method", SMOOTHED)
+def test_smoothed_cams_are_pytorch_grad_cams_own(method: str) -> None:
+    from pytorch_grad_cam import GradCAM, LayerCAM
+
+    model = FineQuadrantNet().eval()
+    x = images(2, 32, 32)
+    targets = [ClassLogit(0), ClassLogit(1)]
+    cam_class, layers = ((GradCAM, [model.target_layer]) if method == "gradcam_eigen" else
+                         (LayerCAM, [model.stem, model.target_layer]))
+    reference = cam_class(model=model, target_layers=layers)(
+        input_tensor=x.clone().requires_grad_(True), targets=targets, **SMOOTHED[method])
+    np.testing.assert_allclose(saliency_maps(model, x, targets, method), reference, atol=1e-5)

@@ -19,6 +19,7 @@ import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -156,19 +157,23 @@ def _released(cam: BaseCAM) -> Iterator[BaseCAM]:
 
 def _grad_cam(
     cam_class: type[BaseCAM], model: nn.Module, images: torch.Tensor, targets: Sequence[Target],
-    layers: Sequence[nn.Module] | None = None
+    layers: Sequence[nn.Module] | None = None, **smoothing: bool
 ) -> np.ndarray:
     """pytorch-grad-cam's ``cam_class`` on ``layers`` (default: the target layer). Several layers
-    are fused as the package does: each map is upsampled to the image, then they are averaged."""
+    are fused as the package does: each map is upsampled to the image, then they are averaged.
+    ``smoothing``: the package's aug_smooth (mean over flipped and rescaled copies) and
+    eigen_smooth (first principal component of the weighted activations)."""
     layers = list(layers) if layers is not None else [model.target_layer]
     with _released(cam_class(model=model, target_layers=layers)) as cam:
-        return cam(input_tensor=images, targets=list(targets))  # (B, H, W), already in [0, 1]
+        # (B, H, W), already in [0, 1]
+        return cam(input_tensor=images, targets=list(targets), **smoothing)
 
 
-def _gradcam(model: nn.Module, images: torch.Tensor, targets: Sequence[Target]) -> np.ndarray:
+def _gradcam(model: nn.Module, images: torch.Tensor, targets: Sequence[Target],
+             **smoothing: bool) -> np.ndarray:
     from pytorch_grad_cam import GradCAM
 
-    return _grad_cam(GradCAM, model, images, targets)
+    return _grad_cam(GradCAM, model, images, targets, **smoothing)
 
 
 def _gradcam_plus_plus(
@@ -179,10 +184,11 @@ def _gradcam_plus_plus(
     return _grad_cam(GradCAMPlusPlus, model, images, targets)
 
 
-def _layer_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[Target]) -> np.ndarray:
+def _layer_cam(model: nn.Module, images: torch.Tensor, targets: Sequence[Target],
+               **smoothing: bool) -> np.ndarray:
     from pytorch_grad_cam import LayerCAM
 
-    return _grad_cam(LayerCAM, model, images, targets, cam_layers(model))
+    return _grad_cam(LayerCAM, model, images, targets, cam_layers(model), **smoothing)
 
 
 def cam_layers(model: nn.Module) -> list[nn.Module]:
@@ -294,6 +300,12 @@ SALIENCY_METHODS: dict[str, SaliencyMethod] = {
     # LayerCAM (Jiang et al. 2021) on model.fine_layers and the target layer, fused: the
     # earlier stages' finer grid (Lite0 at 160 px: 10x10 against 5x5) outlines the object.
     "layercam": SaliencyMethod(_layer_cam, needs_target_layer=True),
+    # The package's smoothing, which costs time: eigen_smooth (the weighted activations' first
+    # principal component) and aug_smooth (the mean over 6 flipped/rescaled copies: 6x the time).
+    "gradcam_eigen": SaliencyMethod(partial(_gradcam, eigen_smooth=True),
+                                    needs_target_layer=True),
+    "layercam_aug": SaliencyMethod(partial(_layer_cam, aug_smooth=True),
+                                   needs_target_layer=True),
     # Guided Grad-CAM (Selvaraju et al.): the pixel-sharp guided gradients, gated by where
     # Grad-CAM looks; their product, min-max normalised.
     "guided_gradcam": SaliencyMethod(None, parts=("gradcam", "guided_backprop"),
