@@ -210,6 +210,13 @@ def test_segment_without_masks_and_with_a_classifier(tmp_path, capsys):
                            tmp_path / "ce.pt", "--refine", "grabcut:10/30+components"], capsys)
     assert code == 0, err
     assert "refined by grabcut:10/30+components" in out and "accuracy" not in out
+    # A classifier checkpoint without class names still segments; it predicts no class.
+    from tests.test_segmentation import tiny_net
+    models.save_checkpoint(tmp_path / "nameless.pt", tiny_net(3), {"image_size": 32})
+    code, out, err = call(["segment", tmp_path / "images", "--out", tmp_path / "out3",
+                           "--model", tmp_path / "nameless.pt"], capsys)
+    assert code == 0, err
+    assert "wrote 3 masks" in out and "accuracy" not in out
 
 
 def fails_with_one_line(argv, capsys, match):

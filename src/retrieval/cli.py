@@ -405,7 +405,9 @@ def segment_folder(args: argparse.Namespace) -> pd.DataFrame:
         maps = explainers.explain(explainer, method, views)
         masks = refine.refine_batch(views.numpy(), maps,
                                     experiment.binarize_maps(maps, setting), refinement)
-        predicted = experiment.predicted_labels(explainer, views.numpy(), len(views))
+        # A checkpoint without class names (written before they were stored) predicts nothing.
+        predicted = (experiment.predicted_labels(explainer, views.numpy(), len(views))
+                     if known else [None] * len(views))
         for (relative, image), mask, guess in zip(batch, masks, predicted, strict=True):
             target = out / relative.with_suffix(".png")
             geometry.write_mask_png(target, geometry.restore_mask(mask, image.height,
