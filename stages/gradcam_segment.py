@@ -13,7 +13,8 @@ Reads:  params seed, device, precision, data.image_size, gradcam_segment; data/s
         data/prepared, models/train_frozen/best.pt, models/train_unfrozen/best.pt
 Writes: data/gradcam/masks/<model>/<method>/<class>/<stem>.png (every explained test image),
         data/gradcam/prototypes/<model>.npz (for `retrieval segment`), data/gradcam/per_image.csv,
-        plots/gradcam_segment/{overlays_<model>.png, extremes_<model>.png, iou_histogram.png,
+        plots/gradcam_segment/{overlays_<model>.png, extremes_<model>.png (a notice without
+        masks), iou_histogram.png,
         iou_table.csv, iou_table.md, per_class.csv}, metrics/gradcam_segment.json,
         metrics/timing/gradcam_segment.json
 """
@@ -91,12 +92,12 @@ def main() -> None:
                 shown.views, shown.labels, shown.truth, shown.has_truth, *shown.of_model(name),
                 f"{STAGE}: {name} model, test images (yellow: predicted, green: ground truth)"),
                 PLOTS / f"overlays_{name}.png")
-        for name, method in best.items():
+        for name in checkpoint_of:  # without masks (no IoU, no best method): a notice
             outputs.save_figure(figures.extremes(
                 result.test_views, result.test_labels, result.test_truth,
-                result.extremes[(name, method)],
-                f"{STAGE}: {name} model, {method}: the best and the worst test images by IoU"),
-                PLOTS / f"extremes_{name}.png")
+                result.extremes[(name, best[name])],
+                f"{STAGE}: {name} model, {best[name]}: the best and the worst test images by "
+                "IoU") if name in best else figures.no_iou(), PLOTS / f"extremes_{name}.png")
         trivial = iou_table[iou_table["model"] == "trivial"]
         outputs.save_figure(figures.iou_histogram(
             result.scores, dict(zip(trivial["method"], trivial["mean_iou"], strict=True))),

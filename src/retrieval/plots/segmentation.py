@@ -66,6 +66,15 @@ def overlays(views: np.ndarray, labels: Sequence[str], truth: np.ndarray, has_tr
     return figure
 
 
+def no_iou() -> plt.Figure:
+    """What an IoU figure shows when the test images have no ground-truth masks."""
+    figure, ax = plt.subplots(figsize=(6, 2))
+    ax.text(0.5, 0.5, "IoU not computed: the test images have no ground-truth masks",
+            ha="center", va="center")
+    ax.set_axis_off()
+    return figure
+
+
 def extremes(views: np.ndarray, labels: Sequence[str], truth: np.ndarray, chosen,
              title: str) -> plt.Figure:
     """The best and the worst test images of one (model, method), as ``overlays`` draws them.
@@ -102,11 +111,7 @@ def iou_histogram(scores: pd.DataFrame, baselines: Mapping[str, float]) -> plt.F
     dashed vertical lines. Without scores, a panel that says IoU was not computed.
     """
     if scores.empty:
-        figure, ax = plt.subplots(figsize=(6, 2))
-        ax.text(0.5, 0.5, "IoU not computed: the test images have no ground-truth masks",
-                ha="center", va="center")
-        ax.set_axis_off()
-        return figure
+        return no_iou()
     models = list(dict.fromkeys(scores["model"]))
     figure, axes = plt.subplots(1, len(models), figsize=(4.6 * len(models), 4.4), sharey=True,
                                 squeeze=False)
