@@ -66,6 +66,14 @@ def run_experiment(name: str, quick: bool, workdir: Path) -> dict:
             "peak_rss_gib": max(r["peak_rss_gib"] for r in rows), "metrics": metrics}
 
 
+def model_text(name: str) -> str:
+    """The backbone and weights an experiment runs with, for the conditions column."""
+    model = EXPERIMENTS[name].get("model", {})
+    if not model:
+        return "efficientnet_lite0, ImageNet weights"
+    return f"{model.get('backbone', 'efficientnet_lite0')}, weights {model.get('weights')}"
+
+
 def test_table(evaluate: dict) -> dict[str, dict[str, float]]:
     keys = ("precision_at_1", "precision_at_5", "map", "map_at_r", "accuracy", "roc_auc")
     return {model: {k: evaluate[model][k] for k in keys if k in evaluate[model]}
@@ -83,7 +91,7 @@ def result(row: int, name: str, quick: bool, workdir: Path, what: str, target: s
     return common.Result(
         row=row, name=name, what=what,
         conditions=(f"`{name}` overrides of the README on params.yaml's defaults "
-                    "(efficientnet_lite0, ImageNet weights), CPU, cold image cache" if run["real"]
+                    f"({model_text(name)}), CPU, cold image cache" if run["real"]
                     else "quick mode: the first stage only, tiny generated sample"),
         figure=figure, target=target,
         passed=(passed and run["peak_rss_gib"] <= RSS_LIMIT_GIB) if evaluate else None,
