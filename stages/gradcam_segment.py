@@ -97,7 +97,10 @@ def main() -> None:
                 result.test_views, result.test_labels, result.test_truth,
                 result.extremes[(name, best[name])],
                 f"{STAGE}: {name} model, {best[name]}: the best and the worst test images by "
-                "IoU") if name in best else figures.no_iou(), PLOTS / f"extremes_{name}.png")
+                "IoU") if name in best else figures.no_iou(
+                    "no method chosen: the val images have no ground-truth masks"
+                    if result.iou_computed else "IoU not computed: the test images have no "
+                    "ground-truth masks"), PLOTS / f"extremes_{name}.png")
         trivial = iou_table[iou_table["model"] == "trivial"]
         outputs.save_figure(figures.iou_histogram(
             result.scores, dict(zip(trivial["method"], trivial["mean_iou"], strict=True))),
@@ -109,7 +112,7 @@ def main() -> None:
                   **{f"seconds_{part.replace(' ', '_')}": value
                      for part, value in result.seconds.items()},
                   "images_explained": (result.images["val"] + result.images["test"])
-                  * len(explained) * len(params.gradcam_segment.methods)}
+                  * len(explained) * len(cam.computed_methods(params.gradcam_segment.methods))}
         outputs.write_json(paths.timing(STAGE), timing)
         # MLflow metric names may not contain "+" (gradcam++ -> gradcampp).
         flat = {k.replace("+", "p"): v for k, v in config.flatten(metrics).items()}

@@ -496,3 +496,9 @@ def test_smoothed_cams_are_pytorch_grad_cams_own(method: str) -> None:
     reference = cam_class(model=model, target_layers=layers)(
         input_tensor=x.clone().requires_grad_(True), targets=targets, **SMOOTHED[method])
     np.testing.assert_allclose(saliency_maps(model, x, targets, method), reference, atol=1e-5)
+
+
+def test_computed_methods_expand_combined_ones() -> None:
+    assert cam.computed_methods(["guided_gradcam"]) == {"gradcam", "guided_backprop"}
+    assert cam.computed_methods(["gradcam", "layercam", "guided_gradcam"]) == {
+        "gradcam", "layercam", "guided_backprop"}

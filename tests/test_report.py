@@ -71,7 +71,8 @@ def test_numbers_match_the_metrics_files(rendered, project):
         iou = METRICS["gradcam_segment"][model]["gradcam"]["mean_iou"]
         assert f"{iou:.3f}" in md
     assert "| prior: ellipse |  |  |  | 0.384 | 0.390 | 0.550 |" in md
-    assert "| gradcam | otsu, grabcut:10/30 | 0.523 | 0.433 | 0.533 | 0.543 | 0.500 |" in md
+    assert ("| gradcam (chosen on val) | otsu, grabcut:10/30 | 0.523 | 0.433 | 0.533 | 0.543 "
+            "| 0.500 |") in md
     assert "unfrozen model: saliency masks against the ground truth; test accuracy 0.833" in md
     assert "| train | 84 | 3 |" in md and "| test | 18 | 3 |" in md
     assert "| R | 0.456 | 0.221 | -0.123 | 0.987 |" in md

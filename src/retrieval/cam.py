@@ -279,6 +279,15 @@ def guided_relus(model: nn.Module) -> Iterator[None]:
 # method is one function and one entry here.
 
 
+def computed_methods(methods: Sequence[str]) -> set[str]:
+    """The methods whose maps are computed (not combined) when ``methods`` all run."""
+    found: set[str] = set()
+    for method in methods:
+        parts = SALIENCY_METHODS[method].parts
+        found |= computed_methods(parts) if parts else {method}
+    return found
+
+
 @dataclass(frozen=True)
 class SaliencyMethod:
     """How to compute a method's maps, and what it needs of the model."""
@@ -298,7 +307,8 @@ SALIENCY_METHODS: dict[str, SaliencyMethod] = {
     "gradcam": SaliencyMethod(_gradcam, needs_target_layer=True),
     "gradcam++": SaliencyMethod(_gradcam_plus_plus, needs_target_layer=True),
     # LayerCAM (Jiang et al. 2021) on model.fine_layers and the target layer, fused: the
-    # earlier stages' finer grid (Lite0 at 160 px: 10x10 against 5x5) outlines the object.
+    # earlier stages' finer grids (Lite0 at 160 px: 20x20 and 10x10 against 5x5) outline the
+    # object.
     "layercam": SaliencyMethod(_layer_cam, needs_target_layer=True),
     # The package's smoothing, which costs time: eigen_smooth (the weighted activations' first
     # principal component) and aug_smooth (the mean over 6 flipped/rescaled copies: 6x the time).

@@ -66,11 +66,11 @@ def overlays(views: np.ndarray, labels: Sequence[str], truth: np.ndarray, has_tr
     return figure
 
 
-def no_iou() -> plt.Figure:
-    """What an IoU figure shows when the test images have no ground-truth masks."""
+def no_iou(reason: str = "IoU not computed: the test images have no ground-truth masks"
+           ) -> plt.Figure:
+    """What an IoU figure shows when there is nothing to draw, and why."""
     figure, ax = plt.subplots(figsize=(6, 2))
-    ax.text(0.5, 0.5, "IoU not computed: the test images have no ground-truth masks",
-            ha="center", va="center")
+    ax.text(0.5, 0.5, reason, ha="center", va="center")
     ax.set_axis_off()
     return figure
 

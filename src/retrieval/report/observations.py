@@ -448,9 +448,9 @@ def saliency_iou(inputs: Inputs) -> list[str]:
     strongest = max(baselines, key=baselines.get) if baselines else None
     notes = []
     for model, (method, iou) in chosen.items():
-        chosen = metrics[model][method]
+        entry = metrics[model][method]
         sentence = (f"{model}: {method} (chosen on validation, binarised by "
-                    f"{chosen.get('binarization')}, refined by {chosen.get('refinement', 'none')}"
+                    f"{entry.get('binarization')}, refined by {entry.get('refinement', 'none')}"
                     f") reaches a test mean IoU of {fmt(iou)}")
         if strongest is not None:
             margin = iou - baselines[strongest]

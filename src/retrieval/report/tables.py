@@ -218,7 +218,9 @@ def saliency(inputs: Inputs) -> list[Block]:
         methods = metrics.get(model) or {}
         if not methods:
             continue
-        rows = [(method, f"{v.get('binarization', '')}, {v.get('refinement', 'none')}",
+        chosen = (metrics.get("best_method") or {}).get(model)
+        rows = [(f"{method} (chosen on val)" if method == chosen else method,
+                 f"{v.get('binarization', '')}, {v.get('refinement', 'none')}",
                  fmt(v.get("val_mean_iou")), fmt(v.get("mean_iou_unrefined")),
                  fmt(v.get("mean_iou")), fmt(v.get("median_iou")), fmt(v.get("mean_dice")),
                  v.get("mean_iou")) for method, v in methods.items()]

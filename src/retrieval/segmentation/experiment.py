@@ -153,7 +153,8 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
         explainers = [with_prototypes(e, images, reference,
                                       table["label"].iloc[reference].tolist(), image_size,
                                       precision) for e in explainers]
-    accuracy = {e.name: split_accuracy(e, test, settings.batch_size) for e in explainers}
+    accuracy = {e.name: split_accuracy(e, test, settings.batch_size, set(train["label"]))
+                for e in explainers}
 
     shown = rng.subsample(len(test.rows), settings.overlays, seed, rng.Subsample.SEGMENT_OVERLAYS)
     overlays = Overlays(test.views[shown], [test.labels[i] for i in shown], test.truth[shown],
@@ -162,9 +163,9 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
     refinements = [refine.parse_refinement(text) for text in settings.refine]
     scores, choices, extremes = [], [], {}
     pairs = [(explainer, method) for explainer in explainers for method in settings.methods]
-    computed: dict[tuple[str, str], np.ndarray] = {}  # (split, method) -> maps, one explainer's
+    computed: dict[tuple[str, str, str], np.ndarray] = {}  # (explainer, split, method) -> maps
     for explainer, method in tqdm(pairs, desc="saliency", unit="model x method"):
-        if method == settings.methods[0]:  # a new explainer: its own maps only
+        if method == settings.methods[0]:  # the previous explainer's maps are no longer needed
             computed.clear()
         # Without validation masks: the first candidates.
         setting, refinement, val_raw, val_iou = candidates[0], refinements[0], None, None
@@ -238,12 +239,17 @@ def prior_masks(image_size: int, foreground_fraction: float) -> dict[str, np.nda
             "full": cam.full_mask(*size)}
 
 
-def split_accuracy(explainer: Explainer, split: SplitImages, batch_size: int) -> float:
-    """The fraction of the split's images whose predicted class is their label (NaN: none)."""
-    if not len(split.rows):
+def split_accuracy(explainer: Explainer, split: SplitImages, batch_size: int,
+                   known: set[str]) -> float:
+    """The fraction of the split's images of ``known`` classes (those with training images)
+    whose predicted class is their label. NaN without such images, and for a classifier
+    without class names: a class never trained on (class-disjoint splits) cannot be
+    predicted by a classifier, and its prototype would be made of the very images scored."""
+    keep = np.isin(np.array(split.labels, dtype=object), list(known))
+    if not keep.any() or (explainer.target == "logit" and not explainer.classes):
         return float("nan")
-    predicted = predicted_labels(explainer, split.views, batch_size)
-    return float(np.mean(np.array(predicted) == np.array(split.labels)))
+    predicted = predicted_labels(explainer, split.views[keep], batch_size)
+    return float(np.mean(np.array(predicted) == np.array(split.labels, dtype=object)[keep]))
 
 
 def predicted_labels(explainer: Explainer, views: np.ndarray, batch_size: int) -> list[str]:
@@ -292,11 +298,11 @@ def choose_refinement(maps: np.ndarray, split: SplitImages, setting: cam.Binariz
 
 
 def split_saliency(explainer: Explainer, method: str, split: SplitImages, batch_size: int,
-                   computed: dict[tuple[str, str], np.ndarray]) -> np.ndarray:
-    """``saliency_over``, reusing the maps in ``computed`` ((split, method) -> maps of this
-    explainer; filled here): a method made of other methods' maps (Guided Grad-CAM) costs no
-    extra backward pass when its parts ran already."""
-    key = (split.name, method)
+                   computed: dict[tuple[str, str, str], np.ndarray]) -> np.ndarray:
+    """``saliency_over``, reusing the maps in ``computed`` ((explainer, split, method) -> maps;
+    filled here): a method made of other methods' maps (Guided Grad-CAM) costs no extra
+    backward pass when its parts ran already."""
+    key = (explainer.name, split.name, method)
     if key not in computed:
         entry = cam.SALIENCY_METHODS[method]
         computed[key] = (entry.combine([split_saliency(explainer, part, split, batch_size,

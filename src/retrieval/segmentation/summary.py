@@ -38,13 +38,6 @@ def summary_table(result: SegmentationResult) -> pd.DataFrame:
     return pd.DataFrame(rows).reindex(columns=columns)
 
 
-def model_table(table: pd.DataFrame, model: str) -> pd.DataFrame:
-    """One model's rows of ``summary_table`` and the priors' rows, best test IoU first: the
-    table the report shows per model."""
-    rows = table[table["model"].isin([model, "trivial"])]
-    return rows.sort_values("mean_iou", ascending=False, kind="stable").reset_index(drop=True)
-
-
 def per_class_table(result: SegmentationResult) -> pd.DataFrame:
     """Mean and median IoU/Dice per (model, method, class) and per (baseline, class)."""
     trivial = result.baselines.rename(columns={"baseline": "method"}).assign(model="trivial")
