@@ -1,6 +1,7 @@
 """Mask refinement: GrabCut seeded by a saliency map, the largest component, hole filling, and the
 refinement grammar. Known answers on synthetic images and hand-made masks."""
 
+import cv2
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -121,3 +122,22 @@ def test_bad_refinements_are_refused_naming_the_key(text, message):
         refine.parse_refinement(text)
     with pytest.raises(ParamsError, match="gradcam_segment.refine"):
         refine.check_refinements([text])
+
+
+def test_grabcut_is_deterministic_whatever_ran_before_on_the_thread():
+    # Random colours and a random smooth map: GrabCut's k-means start matters here.
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    saliency = ndimage.gaussian_filter(rng.random((48, 48)), 3)
+    saliency = (saliency - saliency.min()) / np.ptp(saliency)
+    rough = cam.binarize(saliency, "top_percent", 40.0)
+    masks = []
+    for seed in range(6):
+        cv2.setRNGSeed(seed)  # what other OpenCV calls may have left
+        masks.append(refine.grabcut(image, saliency, rough, 10, 30))
+    assert all(np.array_equal(masks[0], mask) for mask in masks[1:])
+    views = np.stack([image.transpose(2, 0, 1)] * 8)
+    maps, rough8 = np.stack([saliency] * 8), np.stack([rough] * 8)
+    steps = refine.parse_refinement("grabcut:10/30")
+    batch = refine.refine_batch(views, maps, rough8, steps, workers=4)
+    assert all(np.array_equal(masks[0], mask) for mask in batch)  # same on every thread

@@ -123,6 +123,9 @@ def grabcut(image: np.ndarray, saliency: np.ndarray, mask: np.ndarray,
     if not foreground.any() or foreground.all() or np.ptp(saliency) == 0:
         return mask.copy()
     background_model, foreground_model = np.zeros((1, 65)), np.zeros((1, 65))
+    # GrabCut's k-means draws from OpenCV's thread-local RNG: seed it for every image, so the
+    # mask depends neither on what ran before on this thread nor on which thread runs it.
+    cv2.setRNGSeed(0)
     cv2.grabCut(np.ascontiguousarray(image[..., ::-1]), seeds, None, background_model,
                 foreground_model, iterations, cv2.GC_INIT_WITH_MASK)  # OpenCV wants BGR
     return np.isin(seeds, (cv2.GC_FGD, cv2.GC_PR_FGD))
