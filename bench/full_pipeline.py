@@ -85,7 +85,9 @@ def result(row: int, name: str, quick: bool, workdir: Path, what: str, target: s
     """One row: run the experiment, then ``check(evaluate metrics, run) -> (passed, figure)``."""
     run = run_experiment(name, quick, workdir)
     evaluate = run["metrics"].get("evaluate", {})
-    passed, figure = check(evaluate, run) if evaluate else (None, "quick: first stage only")
+    # Quick mode runs one stage: the metrics files in the copy are the committed ones, not its.
+    measured = evaluate if run["real"] else {}
+    passed, figure = check(measured, run) if measured else (None, "quick: first stage only")
     figure += (f"; {run['total_s'] / 60:.1f} min in all, peak RSS "
                f"{run['peak_rss_gib']:.2f} GiB")
     return common.Result(
@@ -94,8 +96,8 @@ def result(row: int, name: str, quick: bool, workdir: Path, what: str, target: s
                     f"({model_text(name)}), CPU, cold image cache" if run["real"]
                     else "quick mode: the first stage only, tiny generated sample"),
         figure=figure, target=target,
-        passed=(passed and run["peak_rss_gib"] <= RSS_LIMIT_GIB) if evaluate else None,
-        details={**run, "test": test_table(evaluate)})
+        passed=(passed and run["peak_rss_gib"] <= RSS_LIMIT_GIB) if measured else None,
+        details={**run, "test": test_table(measured)})
 
 
 def run(quick: bool, workdir: Path) -> common.Result:
