@@ -19,7 +19,7 @@ import argparse
 import glob
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -382,18 +382,10 @@ def segment_folder(args: argparse.Namespace) -> pd.DataFrame:
         raise UserError(f"{model_file} does not record its image size: pass --image-size")
     method = args.method or chosen["best_method"] or "gradcam"
     stored = f"the setting stored in {explainer_file}"
-    text = args.binarize or chosen["binarization"].get(method, "otsu")
-    try:
-        setting = cam.parse_binarization(text)
-    except ValueError as error:
-        raise UserError(f"binarisation '{text}' ({'--binarize' if args.binarize else stored}): "
-                        f"{error}") from None
-    refine_text = args.refine or chosen["refinement"].get(method, "none")
-    try:
-        refinement = refine.parse_refinement(refine_text)
-    except ValueError as error:
-        raise UserError(f"refinement '{refine_text}' ({'--refine' if args.refine else stored}): "
-                        f"{error}") from None
+    setting = _parsed(cam.parse_binarization, "binarisation", args.binarize, "--binarize",
+                      chosen["binarization"].get(method, "otsu"), stored)
+    refinement = _parsed(refine.parse_refinement, "refinement", args.refine, "--refine",
+                         chosen["refinement"].get(method, "none"), stored)
     explainer.model.to(runtime.resolve_device(args.device))
     _refuse_stem_clashes(images_dir)
     known = set(explainer.classes) | set(explainer.prototypes)
@@ -405,9 +397,8 @@ def segment_folder(args: argparse.Namespace) -> pd.DataFrame:
         maps = explainers.explain(explainer, method, views)
         masks = refine.refine_batch(views.numpy(), maps,
                                     experiment.binarize_maps(maps, setting), refinement)
-        # A checkpoint without class names (written before they were stored) predicts nothing.
         predicted = (experiment.predicted_labels(explainer, views.numpy(), len(views))
-                     if known else [None] * len(views))
+                     if explainer.can_predict else [None] * len(views))
         for (relative, image), mask, guess in zip(batch, masks, predicted, strict=True):
             target = out / relative.with_suffix(".png")
             geometry.write_mask_png(target, geometry.restore_mask(mask, image.height,
@@ -419,6 +410,16 @@ def segment_folder(args: argparse.Namespace) -> pd.DataFrame:
                          **_truth_scores(args.masks, relative, image, mask, image_size)})
     return _report_segmentation(rows, skipped, args, method, f"{cam.format_binarization(setting)}"
                                 f", refined by {refine.format_refinement(refinement)}")
+
+
+def _parsed(parse: Callable[[str], object], what: str, given: str | None, flag: str,
+            stored_text: str, stored: str) -> object:
+    """``parse`` of the option's text, else of the stored one; a UserError says which failed."""
+    text = given or stored_text
+    try:
+        return parse(text)
+    except ValueError as error:
+        raise UserError(f"{what} '{text}' ({flag if given else stored}): {error}") from None
 
 
 def _report_segmentation(rows: list[dict], skipped: list[str], args: argparse.Namespace,

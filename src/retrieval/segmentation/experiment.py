@@ -246,7 +246,7 @@ def split_accuracy(explainer: Explainer, split: SplitImages, batch_size: int,
     without class names: a class never trained on (class-disjoint splits) cannot be
     predicted by a classifier, and its prototype would be made of the very images scored."""
     keep = np.isin(np.array(split.labels, dtype=object), list(known))
-    if not keep.any() or (explainer.target == "logit" and not explainer.classes):
+    if not keep.any() or not explainer.can_predict:
         return float("nan")
     predicted = predicted_labels(explainer, split.views[keep], batch_size)
     return float(np.mean(np.array(predicted) == np.array(split.labels, dtype=object)[keep]))

@@ -88,6 +88,12 @@ class Explainer:
     def normalization(self) -> transforms.Normalization:
         return getattr(self.model, "net", self.model).normalization  # the wrapped EmbeddingNet
 
+    @property
+    def can_predict(self) -> bool:
+        """A class can be named: a classifier with class names (checkpoints before they were
+        stored have none), or an embedding with class prototypes."""
+        return bool(self.classes) if self.target == "logit" else bool(self.prototypes)
+
     def predicted_indices(self, images: torch.Tensor) -> list[int]:
         """For a classifier: the index of the largest logit of each normalised image."""
         with torch.no_grad():
