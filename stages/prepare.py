@@ -1,10 +1,11 @@
-"""prepare: generate the sample dataset (or point at a real one) and index it.
+"""prepare: generate the sample dataset, write the bundled digits, or point at a real folder
+(sources.SOURCES), and index it.
 
 Reads:  params seed, data.*; the dataset folder (read-only) when data.source is 'folder'
 Writes: data/prepared/{sample/, index.csv, excluded.csv, dataset.json}, metrics/prepare.json
 """
 
-from retrieval import config, data, outputs, paths, tracking, workspace
+from retrieval import config, data, outputs, paths, sources, tracking, workspace
 
 STAGE = "prepare"
 
@@ -14,11 +15,10 @@ def main() -> None:
     d = params.data
     with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             config.flatten(config.to_dict(params))) as run:
-        location = data.locate_dataset(
-            d.source, workspace.resolve(d.root) if d.root else "",
+        location = sources.locate_dataset(
+            d, workspace.resolve(d.root) if d.root else None,
             workspace.resolve(d.masks) if d.masks else None, paths.PREPARED / "sample",
-            dict(n_classes=d.synthetic.classes, images_per_class=d.synthetic.images_per_class,
-                 image_size=d.synthetic.size, seed=params.seed))
+            params.seed)
         result = data.index_folder(location.root, location.masks)
         outputs.write_csv(paths.INDEX_CSV, result.index)
         outputs.write_csv(paths.EXCLUDED_CSV, result.excluded)

@@ -19,3 +19,17 @@ def test_atomic_path_moves_into_place_only_on_success_with_umask_permissions(tmp
         raise RuntimeError
     assert '"a"' in target.read_text()  # the old file survives a failed write
     assert [p.name for p in target.parent.iterdir()] == ["out.json"]  # no temporary left
+
+
+def test_atomic_folder_replaces_whole_or_leaves_the_old_one(tmp_path):
+    from retrieval.outputs import atomic_folder
+
+    target = tmp_path / "data"
+    with atomic_folder(target) as partial:
+        (partial / "a.txt").write_text("first")
+    assert (target / "a.txt").read_text() == "first"
+    with pytest.raises(RuntimeError), atomic_folder(target) as partial:
+        (partial / "b.txt").write_text("second")
+        raise RuntimeError("interrupted")
+    assert [p.name for p in target.iterdir()] == ["a.txt"]  # the old folder is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["data"]  # and no partial sibling is left

@@ -46,7 +46,7 @@ class SyntheticConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["synthetic", "folder"] = "synthetic"
+    source: Literal["synthetic", "digits", "folder"] = "synthetic"
     root: str = ""  # folder source: one sub-folder per class; relative paths start at the repo root
     masks: str = ""  # optional folder parallel to root holding <class>/<stem>.png masks
     image_size: int = 96

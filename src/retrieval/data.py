@@ -258,23 +258,6 @@ def check_retrieval_possible(table: pd.DataFrame) -> None:
                 f"images: raise split.{name} in params.yaml or add classes / images")
 
 
-@dataclass
-class DatasetLocation:
-    root: Path  # one folder per class
-    masks: Path | None  # parallel masks folder, if any
-
-
-def locate_dataset(source: str, root: str | Path, masks: str | Path | None,
-                   sample_dir: Path, synthetic_args: dict) -> DatasetLocation:
-    """Generate the sample into `sample_dir` (source 'synthetic') or point at a user folder."""
-    if source == "synthetic":
-        from retrieval import synthetic
-
-        synthetic.generate(sample_dir, overwrite=True, **synthetic_args)
-        return DatasetLocation(sample_dir / "images", sample_dir / "masks")
-    return DatasetLocation(Path(root), Path(masks) if masks else None)
-
-
 def load_split_table(split_csv: str | Path, dataset_json: str | Path) -> pd.DataFrame:
     """The split table with `file` and `mask_file` columns resolved against the dataset root."""
     import json

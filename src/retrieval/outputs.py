@@ -1,9 +1,10 @@
 """Writing stage outputs: atomically, so a killed stage never leaves half a file.
 
 Every file is written to a temporary sibling and renamed into place (rename is atomic on POSIX):
-``atomic_path`` is the one implementation, and ``write_json``, ``write_csv``, ``write_text`` and
-``save_figure`` are built on it. Also here: ``markdown_table`` (the Markdown every output file
-uses) and ``file_digest`` (what ties an output to the file it was computed from).
+``atomic_path`` is the one implementation (``atomic_folder`` for a whole folder), and
+``write_json``, ``write_csv``, ``write_text`` and ``save_figure`` are built on it. Also here:
+``markdown_table`` (the Markdown every output file uses) and ``file_digest`` (what ties an
+output to the file it was computed from).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import json
 import math
 import os
 import secrets
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -39,6 +41,37 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+
+
+@contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield an empty hidden sibling folder of `path`; when the block succeeds it replaces
+    `path` whole, otherwise it is removed (KeyboardInterrupt too): never half a dataset."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{path} exists and is not a folder: remove it or pick another")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = _fresh_sibling(path, "partial")
+    try:
+        yield partial
+        if path.exists():
+            old = _fresh_sibling(path, "old")
+            old.rmdir()
+            path.rename(old)
+            partial.rename(path)
+            shutil.rmtree(old)
+        else:
+            partial.rename(path)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _fresh_sibling(path: Path, tag: str) -> Path:
+    # Hidden and named after this process, so that it is neither a dataset nor another run's.
+    sibling = path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+    shutil.rmtree(sibling, ignore_errors=True)  # left over by a killed run with the same pid
+    sibling.mkdir()
+    return sibling
 
 
 def _new_file(prefix: Path) -> str:

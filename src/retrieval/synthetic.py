@@ -17,8 +17,6 @@ exact subset of a bigger one with the same seed.
 """
 
 import colorsys
-import os
-import shutil
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -26,6 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
+
+from retrieval.outputs import atomic_folder
 
 SHAPES = ("disc", "square", "triangle", "star", "cross", "ring", "hexagon", "crescent")
 PATTERNS = ("stripes", "checker", "dots", "solid")
@@ -135,9 +135,7 @@ def generate(
             f"out_dir ({out_dir}) exists and is not empty: pass overwrite=True to replace it"
         )
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    partial = _fresh_sibling(out_dir, "partial")
-    try:
+    with atomic_folder(out_dir) as partial:
         for name in names:
             image_dir, mask_dir = partial / "images" / name, partial / "masks" / name
             image_dir.mkdir(parents=True)
@@ -146,10 +144,6 @@ def generate(
                 sample = render(name, index, image_size, seed)
                 _save_png(sample.image, image_dir / f"{index:04d}.png")
                 _save_png(sample.mask.astype(np.uint8) * 255, mask_dir / f"{index:04d}.png")
-        _move_into_place(partial, out_dir)
-    except BaseException:  # KeyboardInterrupt too: never leave the partial folder behind
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
     return {
         "classes": names,
         "counts": {name: images_per_class for name in names},
@@ -170,25 +164,6 @@ def _check_int(name: str, value: object, low: int, high: int | None) -> None:
         raise ValueError(f"{name} ({value}) must be at least {low}")
     if high is not None and not low <= value <= high:
         raise ValueError(f"{name} ({value}) must be between {low} and {high}")
-
-
-def _fresh_sibling(path: Path, tag: str) -> Path:
-    # Hidden and named after this process, so that it is neither a dataset nor another run's.
-    sibling = path.with_name(f".{path.name}.{tag}-{os.getpid()}")
-    shutil.rmtree(sibling, ignore_errors=True)  # left over by a killed run with the same pid
-    sibling.mkdir()
-    return sibling
-
-
-def _move_into_place(partial: Path, out_dir: Path) -> None:
-    if not out_dir.exists():
-        partial.rename(out_dir)
-        return
-    old = _fresh_sibling(out_dir, "old")
-    old.rmdir()
-    out_dir.rename(old)
-    partial.rename(out_dir)
-    shutil.rmtree(old)
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
