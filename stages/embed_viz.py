@@ -1,5 +1,6 @@
 """embed_viz: the test embeddings before (baseline) and after training, in 2-D, and how well the
-classes separate (silhouette score in the full embedding space).
+classes separate in the full embedding space: silhouette (Euclidean and cosine), leave-one-out
+kNN accuracy and P@1, and whether the classes form radial spokes or compact clusters.
 
 t-SNE (seeded, PCA-initialised) and PCA of a seeded subsample of at most embed_viz.max_points
 test images, every compared model (compared.COMPARED_MODELS) side by side; the largest classes
@@ -33,8 +34,11 @@ def main() -> None:
     with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             config.flatten(config.to_dict(params))) as run:
         scores = {name: {"silhouette": embed_viz.silhouette(v, labels),
-                         "embedding_dim": v.shape[1]} for name, v in vectors.items()}
-        subtitles = {name: f"{v.shape[1]}-d, silhouette {scores[name]['silhouette'] or 0:.3f}"
+                         "embedding_dim": v.shape[1],
+                         **embed_viz.knn_scores(v, labels, cfg.knn_k),
+                         **embed_viz.geometry(v, labels)} for name, v in vectors.items()}
+        subtitles = {name: f"{v.shape[1]}-d, silhouette {scores[name]['silhouette'] or 0:.3f}, "
+                     f"{cfg.knn_k}-NN acc. {scores[name]['knn_accuracy'] or 0:.3f}"
                      for name, v in vectors.items()}
         timing = {}
         for method, (title, axis) in METHODS.items():
@@ -47,11 +51,18 @@ def main() -> None:
                 f"{embed_viz.before_and_after()}", axis, subtitles), PLOTS / f"{method}.png")
         direct = {name: v for name, v in vectors.items() if v.shape[1] == 2}
         if direct:
+            raw = [name for name in direct if scores[name]["radial_elongation"] is not None]
             outputs.save_figure(evaluation_plots.embedding_scatter(
-                direct, labels, highlighted, "2-D embeddings plotted directly "
-                "(L2-normalised: on the unit circle)", "embedding", subtitles),
+                direct, labels, highlighted, f"{len(labels)} test embeddings plotted directly "
+                + (f"(raw head output: {', '.join(raw)})" if raw else
+                   "(L2-normalised: on the unit circle)"), "embedding",
+                {name: subtitles[name] + (f"\n{embed_viz.shape_of_classes(elongation)} "
+                                          f"(elongation {elongation:.1f})"
+                                          if (elongation := scores[name]["radial_elongation"])
+                                          is not None else "") for name in direct}),
                 PLOTS / "direct.png")
         summary = {**scores, "points": len(labels), "classes": len(set(labels)),
+                   "knn_k": cfg.knn_k,
                    "perplexity_used": embed_viz.perplexity_used(len(labels), cfg.perplexity)}
         outputs.write_json(paths.metrics(STAGE), summary)
         outputs.write_json(paths.timing(STAGE), timing)

@@ -99,3 +99,67 @@ def test_two_dimensional_embeddings_are_plotted_directly():
 
 def test_figure_titles_name_the_models_before_and_after_training():
     assert embed_viz.before_and_after() == "before training (baseline) and after (frozen, unfrozen)"
+
+
+def spokes(n_classes=4, per_class=40, seed=0):
+    """Cross entropy's 2-D geometry: each class along a ray from the origin."""
+    rng = np.random.default_rng(seed)
+    angles = np.repeat(np.arange(n_classes) * 2 * np.pi / n_classes, per_class)
+    radius = rng.uniform(1, 10, len(angles))
+    angles = angles + rng.normal(0, 0.05, len(angles))
+    labels = np.repeat([f"c{i}" for i in range(n_classes)], per_class)
+    return np.column_stack([radius * np.cos(angles), radius * np.sin(angles)]), labels
+
+
+def test_knn_scores_leave_each_point_out_and_match_scikit_learn():
+    from sklearn.model_selection import LeaveOneOut, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    vectors, labels = clusters(n_classes=5, per_class=12, spread=0.6, dim=3, seed=4)
+    for k in (1, 5):
+        found = embed_viz.knn_scores(vectors, labels, k)
+        predicted = cross_val_predict(KNeighborsClassifier(n_neighbors=k), vectors, labels,
+                                      cv=LeaveOneOut())
+        # Ties may break differently; with these well-mixed points a handful differ at most.
+        assert abs(found["knn_accuracy"] - np.mean(predicted == labels)) <= 2 / len(labels)
+        one = cross_val_predict(KNeighborsClassifier(n_neighbors=1), vectors, labels,
+                                cv=LeaveOneOut())
+        assert found["p_at_1"] == pytest.approx(np.mean(one == labels))
+    # By hand on a line: 0, 1 (a) and 10, 11, 13 (b); 13's nearest other point is 11 (b).
+    line = np.array([[0.0], [1.0], [10.0], [11.0], [13.0]])
+    assert embed_viz.knn_scores(line, np.array(list("aabbb")), 1) == {"knn_accuracy": 1.0,
+                                                                      "p_at_1": 1.0}
+    # k = 3: each a's neighbours are the other a and two b's: both a's are outvoted.
+    assert embed_viz.knn_scores(line, np.array(list("aabbb")), 3)["knn_accuracy"] == 0.6
+    assert embed_viz.knn_scores(line[:2], np.array(list("ab")), 3)["knn_accuracy"] is None
+
+
+def test_geometry_tells_spokes_from_clusters():
+    ray, labels = spokes()
+    found = embed_viz.geometry(ray, labels)
+    assert found["radial_elongation"] > 5
+    assert found["silhouette_cosine"] > embed_viz.silhouette(ray, labels) + 0.2
+    assert embed_viz.shape_of_classes(found["radial_elongation"]) == "radial spokes"
+    # Contrastive's geometry: round blobs of radius ~0.3 around centres 3 from the origin.
+    rng = np.random.default_rng(1)
+    centres = 3 * np.array([[1, 0], [0, 1], [-1, 0], [0, -1]])
+    labels = np.repeat([f"c{i}" for i in range(4)], 40)
+    blobs = centres[np.repeat(np.arange(4), 40)] + rng.normal(0, 0.3, (160, 2))
+    found = embed_viz.geometry(blobs, labels)
+    assert 0.5 < found["radial_elongation"] < embed_viz.SPOKE_ELONGATION
+    assert embed_viz.shape_of_classes(found["radial_elongation"]) == "compact clusters"
+    # Unit vectors have no radial spread: no shape to name.
+    unit, labels = clusters(n_classes=3, dim=2)
+    assert embed_viz.geometry(unit, labels)["radial_elongation"] is None
+    assert embed_viz.shape_of_classes(None) is None
+
+
+def test_raw_two_dimensional_embeddings_are_plotted_around_the_origin():
+    ray, labels = spokes()
+    figure = evaluation_plots.embedding_scatter({"frozen": ray}, labels, ["c0"], "2-D",
+                                                "embedding")
+    ax = figure.axes[0]
+    low, high = ax.get_xlim()
+    assert low == -high and high > 9 and ax.get_ylim() == (low, high)  # not the unit circle
+    assert ax.get_aspect() == 1.0 and len(ax.get_xticks()) > 2
+    plt.close(figure)

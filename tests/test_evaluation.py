@@ -367,3 +367,25 @@ def test_index_card_ties_the_index_to_the_checkpoint(tmp_path):
     assert card["model_sha256"] == hashlib.sha256(b"weights").hexdigest()
     model.write_bytes(b"other weights")
     assert outputs.file_digest(model) != card["model_sha256"]
+
+
+def test_an_unnormalised_model_is_evaluated_on_its_raw_embedding():
+    # model.normalize false (the 2-D teaching experiment): the trained models' vectors are the
+    # raw head output, the untrained baseline stays compared by cosine.
+    torch.manual_seed(0)
+    config = ModelConfig(weights="none", backbone="cifar_resnet", cifar_n=1, hidden_dim=16,
+                         embedding_dim=2, normalize=False)
+    net = models.EmbeddingNet(config).eval()
+    side = transforms.cache_size(32)
+    pixels = np.random.default_rng(2).integers(0, 256, (6, 3, side, side), dtype=np.uint8)
+    found = evaluation.embed_models({"train_frozen": net, "train_unfrozen": net},
+                                    ImageCache(pixels), split_table(per_class=3, classes="AB"),
+                                    np.arange(6), 32, torch.device("cpu"), "fp32")
+    x = transforms.normalize(transforms.eval_crop(32)(torch.from_numpy(pixels)),
+                             transforms.NORMALIZATIONS["imagenet"])
+    with torch.no_grad():
+        raw = net(x, normalize=False).numpy()
+    np.testing.assert_allclose(found["unfrozen"].vectors, raw, atol=1e-4)
+    np.testing.assert_allclose(found["frozen"].vectors, raw, atol=1e-4)
+    assert not np.allclose(np.linalg.norm(raw, axis=1), 1, atol=1e-2)
+    np.testing.assert_allclose(np.linalg.norm(found["baseline"].vectors, axis=1), 1, atol=1e-5)

@@ -108,3 +108,17 @@ def test_unfreeze_from_freezes_earlier_stages():
     assert trainable == {"layer3", "layer4"}
     with pytest.raises(UserError, match="unfreeze_from"):
         models.set_trunk_trainable(models.EmbeddingNet(TINY), "layer4")
+
+
+def test_model_normalize_chooses_unit_or_raw_embeddings():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    for normalize in (True, False):
+        net = models.EmbeddingNet(ModelConfig(weights="none", backbone="cifar_resnet", cifar_n=1,
+                                              hidden_dim=8, embedding_dim=2,
+                                              normalize=normalize)).eval()
+        with torch.no_grad():
+            raw, embedding = net(x, normalize=False), net(x)
+        expected = torch.nn.functional.normalize(raw, dim=1) if normalize else raw
+        torch.testing.assert_close(embedding, expected)
+        torch.testing.assert_close(net.embedding(raw), expected)

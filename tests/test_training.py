@@ -270,3 +270,22 @@ def test_frozen_feature_cache_equals_fresh_backbone_features():
         fresh = net.features(transforms.normalize(
             transforms.eval_crop(32)(images.batch(data.train_idx)), net.normalization))
     np.testing.assert_allclose(cached, fresh.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_unnormalised_model_trains_and_validates_on_its_raw_embedding():
+    from retrieval import losses
+    from retrieval.config import ModelConfig
+
+    net = models.EmbeddingNet(ModelConfig(weights="none", backbone="cifar_resnet", cifar_n=1,
+                                          hidden_dim=8, embedding_dim=2, normalize=False))
+    z = torch.tensor([[3.0, 4.0], [0.0, 0.5]])
+    spec = losses.loss_spec("inbatch_contrastive")
+    torch.testing.assert_close(training.loss_inputs(spec, net, z), z)  # the loss sees raw z
+    np.testing.assert_allclose(training.embedding_space(net, z.numpy()), z.numpy())
+    # Validation pairs are measured where the loss measures them: |(3, 4) - (0, 0.5)|.
+    distances = training.pair_distances({7: z[0].numpy(), 9: z[1].numpy()}, np.array([[7, 9, 0]]))
+    np.testing.assert_allclose(distances, [np.hypot(3, 3.5)], rtol=1e-6)
+    unit = models.EmbeddingNet(ModelConfig(weights="none", backbone="cifar_resnet", cifar_n=1,
+                                           hidden_dim=8, embedding_dim=2))
+    np.testing.assert_allclose(training.embedding_space(unit, z.numpy()),
+                               [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)

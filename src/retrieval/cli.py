@@ -202,9 +202,11 @@ def compare_command(args: argparse.Namespace) -> None:
                         "at the end of a training stage")
     a, b = embed(net, images, checkpoint["image_size"], device)
     distance = float(np.linalg.norm(a - b))
-    similarity = 1.0 - distance**2 / 2  # cosine similarity of unit vectors
+    similarity = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
     same = distance <= threshold
-    print(f"distance:   {distance:.4f}  (Euclidean between L2-normalised embeddings, 0 to 2)")
+    space = ("L2-normalised embeddings, 0 to 2" if net.config.normalize
+             else "raw embeddings: model.normalize was false")
+    print(f"distance:   {distance:.4f}  (Euclidean between {space})")
     print(f"similarity: {similarity:.4f}  (cosine, -1 to 1)")
     print(f"decision:   {'same class' if same else 'different classes'}  "
           f"(same when distance <= threshold {threshold:.4f}, chosen on validation pairs)")

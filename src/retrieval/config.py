@@ -103,6 +103,10 @@ class ModelConfig:
     embedding_dim: int = 128
     batchnorm: bool = True
     dropout: float = 0.0
+    # The embedding is the L2-normalised head output (cosine geometry). False keeps the raw
+    # head output: the losses and retrieval then see Euclidean positions, as in the course's
+    # 2-D experiment (README, "Teaching experiments").
+    normalize: bool = True
 
     def validate(self, key: str) -> None:
         # The backbone name is checked against models.BACKBONES when a stage first uses it
@@ -232,9 +236,11 @@ class EmbedVizConfig:
     perplexity: float = 30.0
     max_points: int = 3000  # seeded subsample of the test split (t-SNE is O(n log n))
     highlight_classes: int = 10  # the largest classes get colours, the rest are grey
+    knn_k: int = 5  # leave-one-out kNN accuracy among the plotted test embeddings
 
     def validate(self, key: str) -> None:
         _check(self.perplexity > 0, f"{key}.perplexity", "must be > 0")
+        _check(1 <= self.knn_k <= 100, f"{key}.knn_k", f"({self.knn_k}) must be in [1, 100]")
         _check(self.max_points >= 10, f"{key}.max_points", "must be >= 10")
         _check(1 <= self.highlight_classes <= 20, f"{key}.highlight_classes",
                f"({self.highlight_classes}) must be in [1, 20] (one colour each)")

@@ -2,8 +2,10 @@
 
 The saved embeddings of one split (``load_split_embeddings``), a seeded subsample of them
 (``sample``), their 2-D projections by PCA or t-SNE for the figures (``project_2d``) and the
-silhouette score of the classes in the full embedding space (``silhouette``): the score is the
-number worth comparing, the t-SNE layout only goes into a plot. Nothing here knows about
+numbers worth comparing, all in the full embedding space: the silhouette score of the classes
+(``silhouette``), leave-one-out kNN accuracy and P@1 (``knn_scores``) and the shape of the
+classes (``geometry``: radial spokes or compact clusters, for a raw, un-normalised embedding
+such as the course's 2-D one). The t-SNE layout only goes into a plot. Nothing here knows about
 params.yaml or folders.
 """
 
@@ -17,6 +19,7 @@ import pandas as pd
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
+from sklearn.neighbors import NearestNeighbors
 
 from retrieval import rng
 from retrieval.compared import COMPARED_MODELS, ComparedModel
@@ -74,12 +77,72 @@ def project_2d(vectors: np.ndarray, method: str, seed: int,
     return tsne.fit_transform(vectors)
 
 
-def silhouette(vectors: np.ndarray, labels: np.ndarray) -> float | None:
-    """Silhouette score of the classes in embedding space (Euclidean); None if undefined."""
+def silhouette(vectors: np.ndarray, labels: np.ndarray,
+               metric: str = "euclidean") -> float | None:
+    """Silhouette score of the classes in embedding space (Euclidean, or ``cosine``: by
+    direction only); None if undefined."""
     n_classes = len(np.unique(labels))
     if not 2 <= n_classes <= len(labels) - 1:
         return None
-    return float(silhouette_score(vectors, labels, metric="euclidean"))
+    return float(silhouette_score(vectors, labels, metric=metric))
+
+
+def knn_scores(vectors: np.ndarray, labels: np.ndarray, k: int) -> dict[str, float | None]:
+    """Leave-one-out classification by the Euclidean neighbours among these points:
+    ``knn_accuracy`` (majority of the k nearest, ties to the nearer class) and ``p_at_1`` (the
+    nearest one's class). None when there are not k + 1 points."""
+    labels = np.asarray(labels).astype(str)
+    if len(labels) <= k:
+        return {"knn_accuracy": None, "p_at_1": None}
+    # Without a query argument, kneighbors leaves each point out of its own neighbours.
+    neighbours = NearestNeighbors(n_neighbors=k).fit(vectors).kneighbors(
+        return_distance=False)  # (N, k), nearest first
+    voted = labels[neighbours]
+    predicted = []
+    for row in voted:
+        names, first, counts = np.unique(row, return_index=True, return_counts=True)
+        best = counts == counts.max()
+        predicted.append(names[best][np.argmin(first[best])])  # a tie goes to the nearer class
+    return {"knn_accuracy": float(np.mean(np.array(predicted) == labels)),
+            "p_at_1": float(np.mean(voted[:, 0] == labels))}
+
+
+# The spread along a class's direction, over the spread across it, above which its points lie
+# on a radial spoke from the origin rather than in a compact cluster.
+SPOKE_ELONGATION = 2.0
+
+
+def geometry(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """How the classes lie around the origin: ``radial_elongation``, the median over classes of
+    the standard deviation of the points along the class's mean direction over that across it
+    (per dimension), and ``silhouette_cosine``. Cross entropy spreads a class along a ray
+    (elongation >> 1, cosine silhouette above the Euclidean one); a distance loss packs it
+    into a blob (about 1). Unit vectors have no radial spread: their elongation is None."""
+    vectors = np.asarray(vectors, dtype=np.float64)
+    labels = np.asarray(labels).astype(str)
+    norms = np.linalg.norm(vectors, axis=1)
+    elongations = []
+    if vectors.shape[1] >= 2 and norms.std() > 1e-3 * max(norms.mean(), 1e-12):
+        for name in np.unique(labels):
+            mine = vectors[labels == name]
+            direction = mine.mean(axis=0)
+            if len(mine) < 3 or np.linalg.norm(direction) < 1e-12:
+                continue
+            direction /= np.linalg.norm(direction)
+            along = mine @ direction  # (n,)
+            across = mine - np.outer(along, direction)  # (n, D), orthogonal to the direction
+            spread_across = np.sqrt((across - across.mean(axis=0)).var(axis=0).sum()
+                                    / (vectors.shape[1] - 1))
+            elongations.append(along.std() / max(spread_across, 1e-12))
+    return {"radial_elongation": float(np.median(elongations)) if elongations else None,
+            "silhouette_cosine": silhouette(vectors, labels, "cosine")}
+
+
+def shape_of_classes(elongation: float | None) -> str | None:
+    """'radial spokes' or 'compact clusters' (None for unit vectors): ``geometry`` in words."""
+    if elongation is None:
+        return None
+    return "radial spokes" if elongation >= SPOKE_ELONGATION else "compact clusters"
 
 
 def before_and_after(compared: Sequence[ComparedModel] = COMPARED_MODELS) -> str:

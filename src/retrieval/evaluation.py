@@ -58,10 +58,11 @@ WITH_CI = ("accuracy", "f1", "precision_at_1", "map")
 
 @dataclass(frozen=True)
 class Embeddings:
-    """One model's L2-normalised vectors of some rows of the split table."""
+    """One model's embeddings of some rows of the split table: unit vectors, or the raw head
+    output of a network trained with model.normalize false."""
 
     rows: np.ndarray  # (N,) int64: row numbers in the split table, increasing
-    vectors: np.ndarray  # (N, D) float32, unit length
+    vectors: np.ndarray  # (N, D) float32
     labels: np.ndarray  # (N,) str: class names
     splits: np.ndarray  # (N,) str: train | val | test
     paths: np.ndarray  # (N,) str: image paths relative to the dataset root
@@ -132,11 +133,15 @@ def embed_models(nets: Mapping[str, EmbeddingNet], images: ImageCache, table: pd
             vectors = pooled(model.checkpoint, model.name)
         elif model.view == "head":
             vectors = _head(net, pooled(model.checkpoint, model.name), device)  # (N, D)
-        else:  # "model" (checked by ComparedModel): already unit length
+        else:  # "model" (checked by ComparedModel): the embedding itself
             vectors = run_batched(net, images, rows, image_size, device, precision,
                                   net.normalization, desc=f"{model.name} embeddings")
-        found[model.name] = Embeddings(rows, metrics.l2_normalize(vectors), columns["label"],
-                                       columns["split"], columns["path"])
+        # The backbone's pooled features are compared by cosine (unit rows); a trained
+        # embedding as the network defines it (raw head output when model.normalize is false).
+        unit = model.view == "backbone" or net.config.normalize
+        vectors = metrics.l2_normalize(vectors) if unit else vectors.astype(np.float32)
+        found[model.name] = Embeddings(rows, vectors, columns["label"], columns["split"],
+                                       columns["path"])
     return found
 
 
@@ -210,7 +215,7 @@ class Verification:
 
 
 def _pair_distances(embeddings: Embeddings, pairs: pd.DataFrame) -> np.ndarray:
-    """Euclidean distance between the two (unit) embeddings of every pair, (P,)."""
+    """Euclidean distance between the two embeddings of every pair, (P,)."""
     return metrics.pair_distances(embeddings.take(pairs["i"]), embeddings.take(pairs["j"]))
 
 

@@ -277,9 +277,15 @@ class EmbeddingNet(nn.Module):
     def project(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.head(pooled)  # (B, D), not normalised
 
+    def embedding(self, head_output: torch.Tensor) -> torch.Tensor:
+        """The embedding the losses and retrieval see: the head output (B, D), L2-normalised
+        unless model.normalize is false."""
+        return F.normalize(head_output, dim=1) if self.config.normalize else head_output
+
     def forward(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """The embedding (``normalize``) or the raw head output (B, D), in float32."""
         out = self.project(self.features(images)).float()  # (B, D)
-        return F.normalize(out, dim=1) if normalize else out
+        return self.embedding(out) if normalize else out
 
     # With a frozen trunk, everything before the first trainable module is a constant function
     # of the image: for avg/max pooling that is the pooled vector, for GeM (learnable p) the maps.
@@ -290,7 +296,7 @@ class EmbeddingNet(nn.Module):
     def from_frozen(self, frozen: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         pooled = self.pool(frozen) if isinstance(self.pool, GeM) else frozen
         out = self.project(pooled).float()
-        return F.normalize(out, dim=1) if normalize else out
+        return self.embedding(out) if normalize else out
 
     def backbone_stages(self) -> list[tuple[str, nn.Module]]:
         return list(self.trunk.named_children())

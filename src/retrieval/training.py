@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -215,8 +214,9 @@ def step_inputs(kind: losses.Sampler,
 
 
 def loss_inputs(spec: losses.LossSpec, net: EmbeddingNet, z: torch.Tensor) -> torch.Tensor:
-    """What the loss sees of the head output z (M, D): class logits (M, C) or unit vectors."""
-    return net.classifier(z) if spec.needs_classifier else F.normalize(z, dim=1)
+    """What the loss sees of the head output z (M, D): class logits (M, C) or the embedding
+    (unit vectors unless model.normalize is false)."""
+    return net.classifier(z) if spec.needs_classifier else net.embedding(z)
 
 
 def train_step_loss(spec: losses.LossSpec, loss_fn: nn.Module, net: EmbeddingNet,
@@ -254,12 +254,17 @@ class EvalPairs:
         return cls(pairs(val_idx, rng.VAL_EPOCH), pairs(train_idx, rng.TRAIN_EVAL_EPOCH))
 
 
+def embedding_space(net: EmbeddingNet, z: np.ndarray) -> np.ndarray:
+    """Head outputs (N, D) as the embeddings retrieval compares: unit rows unless
+    model.normalize is false (numpy twin of ``EmbeddingNet.embedding``)."""
+    return metrics.l2_normalize(z) if net.config.normalize else np.asarray(z, dtype=np.float32)
+
+
 def pair_distances(z: dict[int, np.ndarray], pairs: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each pair ``[i, j, same]`` of embeddings ``z[i]``, ``z[j]``."""
     a = np.stack([z[i] for i in pairs[:, 0]])
     b = np.stack([z[j] for j in pairs[:, 1]])
-    a /= np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
-    b /= np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
-    return np.linalg.norm(a - b, axis=1)
+    return metrics.pair_distances(a, b)
 
 
 def validation_loss(spec: losses.LossSpec, loss_fn: nn.Module, net: EmbeddingNet,
@@ -286,7 +291,7 @@ def validation_loss(spec: losses.LossSpec, loss_fn: nn.Module, net: EmbeddingNet
             device = next(net.classifier.parameters()).device
             out = net.classifier(z.to(device)).cpu()
         else:
-            out = F.normalize(z, dim=1)
+            out = net.embedding(z)
         y = torch.as_tensor(val_labels[indices])
         return float(loss_fn(out, y, None if tuples is None else torch.from_numpy(tuples)))
 
@@ -415,11 +420,13 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
                 f"best checkpoint so far (epoch {best.epoch}) is kept")
         val_loss = validation_loss(spec, loss_fn, net, z_val, val_idx, labels, seed,
                                    eval_pairs.val, val_position)
-        val_d = pair_distances(dict(zip(val_idx.tolist(), z_val, strict=True)), eval_pairs.val)
+        val_d = pair_distances(dict(zip(val_idx.tolist(), embedding_space(net, z_val),
+                                        strict=True)), eval_pairs.val)
         threshold = metrics.choose_threshold(val_d, eval_pairs.val[:, 2],
                                              cfg.threshold_criterion)
         z_train = dict(zip(train_eval_images.tolist(),
-                           encoder.eval_project(train_eval_images), strict=True))
+                           embedding_space(net, encoder.eval_project(train_eval_images)),
+                           strict=True))
         train_d = pair_distances(z_train, eval_pairs.train)
         return {"val_loss": val_loss, "threshold": threshold,
                 "mean_val_pairwise_distance": _mean_pairwise_distance(z_val),
@@ -445,8 +452,9 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         torch.manual_seed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.DROPOUT))
         encoder.reseed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.AUGMENT))
         encoder.set_train(False)
-        work = epoch_work(cfg, train_idx, labels, seed, epoch,  # miners see normalised vectors
-                          lambda: metrics.l2_normalize(encoder.eval_project(train_idx)), batch_size)
+        work = epoch_work(cfg, train_idx, labels, seed, epoch,  # miners see the embeddings
+                          lambda: embedding_space(net, encoder.eval_project(train_idx)),
+                          batch_size)
         # DDP: every rank takes every world_size-th step; equal counts or the all-reduce hangs.
         world = runtime.world_size()
         items = work.items[:len(work.items) // world * world][runtime.rank()::world]

@@ -172,12 +172,21 @@ def embedding_scatter(points: dict[str, np.ndarray], labels: np.ndarray, highlig
         _scatter_panel(ax, xy, labels, highlighted)
         ax.set(title=model + (f"\n{subtitles[model]}" if subtitles and model in subtitles
                               else ""), xlabel=f"{axis_name} 1", ylabel=f"{axis_name} 2")
-        if axis_name == "embedding":  # plotted directly: keep the geometry
+        if axis_name == "embedding":  # plotted directly: keep the geometry, origin included
             ax.set_aspect("equal")
-            ax.set(xlim=(-1.12, 1.12), ylim=(-1.12, 1.12))
-            ax.set_xticks([-1, 0, 1])
-            ax.set_yticks([-1, 0, 1])
-            ax.add_patch(plt.Circle((0, 0), 1, fill=False, ls=":", color="black", lw=0.6))
+            norms = np.linalg.norm(xy, axis=1)
+            if np.allclose(norms, 1, atol=1e-3):  # L2-normalised: on the unit circle
+                ax.set(xlim=(-1.12, 1.12), ylim=(-1.12, 1.12))
+                ax.set_xticks([-1, 0, 1])
+                ax.set_yticks([-1, 0, 1])
+                ax.add_patch(plt.Circle((0, 0), 1, fill=False, ls=":", color="black", lw=0.6))
+            else:  # the raw head output: the same scale on both axes, around the origin
+                reach = 1.08 * float(np.percentile(np.abs(xy), 99.5)) or 1.0
+                ax.set(xlim=(-reach, reach), ylim=(-reach, reach))
+                ax.xaxis.set_major_locator(plt.MaxNLocator(5))
+                ax.yaxis.set_major_locator(plt.MaxNLocator(5))
+                ax.axhline(0, color="black", lw=0.4, ls=":")
+                ax.axvline(0, color="black", lw=0.4, ls=":")
     palette = plt.get_cmap("tab10" if len(highlighted) <= 10 else "tab20")
     handles = [plt.Line2D([], [], ls="", marker="o", color=palette(i), label=name[:24])
                for i, name in enumerate(highlighted)]

@@ -121,10 +121,12 @@ SECTIONS: tuple[SectionSpec, ...] = (
                        "(baseline) and after (frozen, unfrozen)."),
             FigureSpec("embed_viz/pca", "PCA (first two components) of the test embeddings: "
                        "baseline, frozen, unfrozen."),
-            FigureSpec("embed_viz/direct", "The 2-D embeddings plotted directly.",
+            FigureSpec("embed_viz/direct", "The 2-D embeddings plotted directly (no "
+                       "projection), coloured by class; the origin is marked.",
                        optional=True)),  # only for 2-D embeddings
         observations=(Observation(observations.silhouettes, in_summary=True),
                       Observation(observations.silhouette_changes, in_summary=True),
+                      Observation(observations.class_shapes, in_summary=True),
                       Observation(observations.overlapping_classes))),
     SectionSpec(
         "gradcam", "Grad-CAM segmentation", needs=("gradcam_segment",),

@@ -186,16 +186,26 @@ def comparison(inputs: Inputs) -> list[Block]:
 
 
 def embeddings(inputs: Inputs) -> list[Block]:
-    """Embedding dimension and silhouette per model."""
+    """Per model: dimensions, silhouette (Euclidean and cosine), leave-one-out kNN accuracy and
+    P@1 in the embedding space, and the shape of the classes of a raw embedding."""
+    from retrieval.embed_viz import shape_of_classes
+
     metrics = inputs.metrics.get("embed_viz")
     if metrics is None:
         return []
-    rows = tuple((m, fmt(metrics[m].get("embedding_dim")), fmt(metrics[m].get("silhouette")))
-                 for m in MODELS if isinstance(metrics.get(m), dict))
+    models = [m for m in MODELS if isinstance(metrics.get(m), dict)]
+    rows = tuple((m, fmt(metrics[m].get("embedding_dim")), fmt(metrics[m].get("silhouette")),
+                  fmt(metrics[m].get("silhouette_cosine")), fmt(metrics[m].get("knn_accuracy")),
+                  fmt(metrics[m].get("p_at_1")),
+                  shape_of_classes(metrics[m].get("radial_elongation")) or "unit vectors"
+                  if "radial_elongation" in metrics[m] else "")
+                 for m in models)
     perplexity = metrics.get("perplexity_used", metrics.get("perplexity"))
-    return [Table(("model", "dimensions", "silhouette"), rows,
-                  f"Silhouette scores of {metrics.get('points')} test embeddings "
-                  f"({metrics.get('classes')} classes); t-SNE perplexity {fmt_param(perplexity)}")]
+    return [Table(("model", "dimensions", "silhouette", "silhouette (cosine)",
+                   f"{metrics.get('knn_k', 'k')}-NN accuracy", "P@1", "classes lie as"), rows,
+                  f"{metrics.get('points')} test embeddings ({metrics.get('classes')} classes), "
+                  "scored in the full embedding space, kNN and P@1 leaving each point out; "
+                  f"t-SNE perplexity {fmt_param(perplexity)}")]
 
 
 def saliency(inputs: Inputs) -> list[Block]:
