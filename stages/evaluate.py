@@ -11,7 +11,8 @@ Reads:  params seed, precision, device, data.image_size, evaluate; data/split.cs
 Writes: data/eval/{pairs,queries,gallery}.csv, data/embeddings/<model>.npz,
         data/index/gallery.{faiss,csv,json}, metrics/evaluate.json,
         metrics/timing/evaluate.json, plots/evaluate/ (roc.csv, comparison.csv/.md,
-        per_class_precision_at_1.csv, classification_report.txt/.json and the figures)
+        per_class_precision_at_1.csv, classification_report.txt/.json and the figures, among
+        them similarity.png: cosine similarity of same- vs different-class test pairs)
 """
 
 import time

@@ -24,9 +24,12 @@ EVALUATE = {
             "roc_auc": auc, "eer": 0.3, "accuracy": 0.7, "precision": 0.71, "recall": 0.69,
             "f1": 0.7, "tp": 700, "tn": 690, "fp": 310, "fn": 300, "threshold": 0.8,
             "recall_at_5": 0.9, "n_queries": 60, "ranks": 59, "embedding_dim": 16,
-            "worst_classes": ["b", "a"]}
-    for model, m, p1, auc in (("baseline", 0.212, 0.301, 0.612), ("frozen", 0.41, 0.52, 0.744),
-                              ("unfrozen", 0.58, 0.66, 0.861))}
+            "worst_classes": ["b", "a"], "cosine_same_mean": same, "cosine_same_std": 0.1,
+            "cosine_different_mean": different, "cosine_different_std": 0.2,
+            "cosine_gap": same - different}
+    for model, m, p1, auc, same, different in (
+        ("baseline", 0.212, 0.301, 0.612, 0.812, 0.7), ("frozen", 0.41, 0.52, 0.744, 0.75, 0.4),
+        ("unfrozen", 0.58, 0.66, 0.861, 0.7, 0.09))}
 METRICS = {
     "prepare": {"images": 120, "classes": 3, "excluded": 1, "excluded_files": ["a/bad.jpg"],
                 "images_with_mask": 120, "min_class_size": 30, "max_class_size": 50},
@@ -67,7 +70,8 @@ METRICS = {
 }
 FIGURES = ["verify_normalization/histograms", "train_frozen/curves", "train_unfrozen/curves",
            "evaluate/confusion_matrix", "evaluate/roc", "evaluate/distance_histograms",
-           "evaluate/retrieval_examples", "evaluate/worst_queries", "evaluate/brand_new",
+           "evaluate/similarity", "evaluate/retrieval_examples", "evaluate/worst_queries",
+           "evaluate/brand_new",
            "embed_viz/tsne", "embed_viz/pca", "gradcam_segment/overlays_baseline",
            "gradcam_segment/overlays_frozen", "gradcam_segment/overlays_unfrozen",
            "gradcam_segment/iou_histogram", "future_stage/something"]

@@ -313,8 +313,43 @@ def test_evaluate_model_reports_every_metric():
             m = result.metrics
             assert m[f"{name}_ci_low"] <= m[name] <= m[f"{name}_ci_high"]
     assert results["unfrozen"].metrics["map"] > results["baseline"].metrics["map"]
+    for result in results.values():  # cosine similarity of the test pairs, same vs different
+        m, cosines = result.metrics, result.test_similarities
+        same = result.verification.test_same.astype(bool)
+        # Unit vectors: cos = 1 - d^2 / 2 of the pair distances verification used.
+        np.testing.assert_allclose(cosines, 1 - result.verification.test_distances ** 2 / 2,
+                                   atol=1e-5)
+        assert m["cosine_same_mean"] == pytest.approx(cosines[same].mean())
+        assert m["cosine_different_mean"] == pytest.approx(cosines[~same].mean())
+        assert m["cosine_gap"] == pytest.approx(m["cosine_same_mean"]
+                                                - m["cosine_different_mean"])
+    # Less noise, classes further apart: the gap widens from baseline to unfrozen.
+    assert results["unfrozen"].metrics["cosine_gap"] > results["baseline"].metrics["cosine_gap"]
     again, *_ = toy_results()
     assert again["frozen"].metrics == results["frozen"].metrics  # deterministic
+
+
+def test_cosine_metrics_do_not_assume_unit_vectors():
+    # The same directions at lengths 0.1 to 10: every cosine metric is unchanged.
+    vectors = at_angles([0, 10, 90, 100, 0, 60, 90, 150])
+    lengths = np.array([0.1, 3.0, 10.0, 0.5, 2.0, 0.2, 7.0, 1.0], np.float32)[:, None]
+    labels, splits = np.array(list("AABBAABB")), np.array(["val"] * 4 + ["test"] * 4)
+    pairs = pd.DataFrame({"split": ["val"] * 4 + ["test"] * 4,
+                          "i": [0, 2, 0, 1, 4, 6, 4, 5], "j": [1, 3, 2, 3, 5, 7, 6, 7],
+                          "same": [1, 1, 0, 0, 1, 1, 0, 0]})
+    rows = pd.DataFrame({"row": [4, 5, 6, 7], "label": list("AABB")})
+    found = {}
+    for name, v in (("unit", vectors), ("scaled", vectors * lengths)):
+        emb = evaluation.Embeddings(np.arange(8), v, labels, splits, np.array(list("abcdefgh")))
+        found[name] = evaluation.evaluate_model(emb, pairs, rows, rows,
+                                                EvaluateConfig(bootstrap=0), seed=0)
+    # Test pairs: (0°, 60°) and (90°, 150°) same class, (0°, 90°) and (60°, 150°) different.
+    expected = {"cosine_same_mean": 0.5, "cosine_different_mean": 0.0, "cosine_gap": 0.5,
+                "cosine_same_std": 0.0, "cosine_different_std": 0.0}
+    for result in found.values():
+        assert {k: result.metrics[k] for k in expected} == pytest.approx(expected, abs=1e-6)
+    np.testing.assert_allclose(found["scaled"].test_similarities,
+                               found["unit"].test_similarities, atol=1e-6)
 
 
 def test_comparison_and_per_class_tables():
@@ -326,6 +361,8 @@ def test_comparison_and_per_class_tables():
                                         "unfrozen - frozen"]
     row = table.set_index("metric").loc["map"]
     assert row["unfrozen - frozen"] == pytest.approx(row["unfrozen"] - row["frozen"])
+    gap = table.set_index("metric").loc["cosine_gap"]
+    assert gap["better"] == "higher" and gap["unfrozen"] == scores["unfrozen"]["cosine_gap"]
     markdown = evaluation.comparison_markdown(table, scores)
     assert markdown.count("\n") == len(table) + 2 and "| map | higher |" in markdown
     assert f"[{scores['unfrozen']['map_ci_low']:.3f}," in markdown
@@ -336,6 +373,7 @@ def test_comparison_and_per_class_tables():
     assert list(roc.columns) == ["model", "fpr", "tpr"] and set(roc["model"]) == set(results)
     flat = evaluation.flat_metrics(scores)
     assert "unfrozen.map" in flat and not any(k.endswith("worst_classes") for k in flat)
+    assert flat["unfrozen.cosine_gap"] == scores["unfrozen"]["cosine_gap"]  # logged to MLflow
 
 
 def test_example_and_worst_queries():
@@ -351,8 +389,13 @@ def test_figures_are_drawn():
     images = ImageCache(np.random.default_rng(0).integers(
         0, 256, (len(table), 3, side, side), dtype=np.uint8))
     drawn = evaluation.figures(results, images, queries, gallery, examples=2, seed=0)
-    assert set(drawn) == {"confusion_matrix", "roc", "distance_histograms",
+    assert set(drawn) == {"confusion_matrix", "roc", "distance_histograms", "similarity",
                           "retrieval_examples", "worst_queries"}
+    panels = drawn["similarity"].axes  # one per model, on the shared -1..1 axis
+    assert [ax.get_title().split(":")[0] for ax in panels] == ["baseline", "frozen", "unfrozen"]
+    gap = results["unfrozen"].metrics["cosine_gap"]
+    assert panels[2].get_title() == f"unfrozen: gap {gap:+.3f}"
+    assert all(ax.get_xlim() == (-1.0, 1.0) for ax in panels)
     grid = drawn["retrieval_examples"]
     titled = [ax.get_title() for ax in grid.axes if ax.get_title()]
     assert titled[:2] == ["query", "baseline #1"] and "unfrozen #5" in titled

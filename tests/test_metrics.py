@@ -378,3 +378,53 @@ def test_bootstrap_auc_ci_brackets_the_auc_and_shrinks_with_more_pairs():
         low, high = bootstrap_auc_ci(distances, same, 300, seed=1)
         assert low < auc < high and high - low < width_below
     assert np.isnan(bootstrap_auc_ci(np.ones(4), np.ones(4), 50)[0])  # one class: no AUC
+
+
+# --------------------------------------------------------------------------- cosine similarity
+
+
+# Four pairs by hand: (1,0)·(2,0) -> 1 and (3,4)·(4,3) -> 24/25 = 0.96 (same class);
+# (1,0)·(0,5) -> 0 and (1,0)·(-1,0) -> -1 (different classes).
+COSINE_A = np.array([[1.0, 0.0], [3.0, 4.0], [1.0, 0.0], [1.0, 0.0]])
+COSINE_B = np.array([[2.0, 0.0], [4.0, 3.0], [0.0, 5.0], [-1.0, 0.0]])
+COSINE_SAME = np.array([1, 1, 0, 0])
+
+
+def test_cosine_separation_hand_case():
+    np.testing.assert_allclose(metrics.pair_cosine_similarities(COSINE_A, COSINE_B),
+                               [1.0, 0.96, 0.0, -1.0], atol=1e-6)
+    found = metrics.cosine_separation(COSINE_A, COSINE_B, COSINE_SAME)
+    assert set(found) == set(metrics.SIMILARITY_KEYS)
+    assert found["cosine_same_mean"] == pytest.approx(0.98, abs=1e-6)
+    assert found["cosine_same_std"] == pytest.approx(0.02, abs=1e-6)
+    assert found["cosine_different_mean"] == pytest.approx(-0.5, abs=1e-6)
+    assert found["cosine_different_std"] == pytest.approx(0.5, abs=1e-6)
+    assert found["cosine_gap"] == pytest.approx(1.48, abs=1e-6)
+
+
+def test_cosine_separation_normalises_the_vectors_itself():
+    # Scaling any vector by a positive factor changes no cosine: the stored vectors need not be
+    # unit length. Unit vectors give the same numbers, and 1 - d^2 / 2 of their distances.
+    scale = np.random.default_rng(0).uniform(0.01, 100.0, (4, 1))
+    reference = metrics.cosine_separation(COSINE_A, COSINE_B, COSINE_SAME)
+    for a, b in ((COSINE_A * scale, COSINE_B), (COSINE_A, COSINE_B * scale[::-1]),
+                 (metrics.l2_normalize(COSINE_A), metrics.l2_normalize(COSINE_B))):
+        assert metrics.cosine_separation(a, b, COSINE_SAME) == pytest.approx(reference, abs=1e-6)
+    unit_a, unit_b = metrics.l2_normalize(COSINE_A), metrics.l2_normalize(COSINE_B)
+    np.testing.assert_allclose(metrics.pair_cosine_similarities(COSINE_A * scale, COSINE_B),
+                               1 - metrics.pair_distances(unit_a, unit_b) ** 2 / 2, atol=1e-6)
+
+
+def test_cosine_separation_edge_cases():
+    # A zero vector has similarity 0 with anything; a group without pairs gives NaN.
+    zero = metrics.pair_cosine_similarities(np.zeros((1, 3)), np.ones((1, 3)))
+    np.testing.assert_array_equal(zero, [0.0])
+    only_same = metrics.cosine_separation(COSINE_A[:2], COSINE_B[:2], [1, 1])
+    assert only_same["cosine_same_mean"] == pytest.approx(0.98, abs=1e-6)
+    assert np.isnan(only_same["cosine_different_mean"]) and np.isnan(only_same["cosine_gap"])
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.pair_cosine_similarities(COSINE_A, COSINE_B[:3])
+    with pytest.raises(ValueError, match="one value per pair"):
+        metrics.cosine_separation(COSINE_A, COSINE_B, [1, 0])
+    with pytest.raises(ValueError, match="only 0/1"):
+        metrics.cosine_separation(COSINE_A, COSINE_B, [1, 2, 0, 0])

@@ -179,3 +179,28 @@ def test_fmt():
     assert [report.fmt(v) for v in (0.41, 1.0, 3, None, float("nan"), True)] == [
         "0.410", "1.000", "3", "n/a", "n/a", "yes"]
     assert report.fmt_param(0.0005) == "0.0005" and report.fmt_param(("a", "b")) == "a, b"
+
+
+def test_cosine_similarity_section_with_and_without_its_metrics(rendered, tmp_path):
+    md = rendered["md"]
+    section = md[md.index('<a id="similarity"></a>'):md.index('<a id="embeddings"></a>')]
+    assert "| baseline | 0.812 | 0.700 | 0.112 | 0.100 | 0.200 |" in section
+    assert "| unfrozen | 0.700 | 0.090 | 0.610 | 0.100 | 0.200 |" in section
+    assert "](figures/evaluate/similarity.png)" in section
+    assert "from 0.112 (baseline) to 0.610 (unfrozen)" in section
+    (summary, *_) = rendered["sections"]
+    assert any("from 0.112 (baseline) to 0.610 (unfrozen)" in n for n in summary.blocks[0].items)
+    assert "cosine_gap" not in md  # not repeated as an unknown metric of the retrieval table
+    # An evaluate.json (and plots folder) from before the cosine metrics: a notice, no crash.
+    root = make_project(tmp_path)
+    older = {m: {k: v for k, v in s.items() if not k.startswith("cosine_")}
+             for m, s in METRICS["evaluate"].items()}
+    (root / "metrics/evaluate.json").write_text(json.dumps(older))
+    (root / "plots/evaluate/similarity.png").unlink()
+    _, sections = build(root)
+    old_md = report.render_markdown(sections, RUN, lambda f: f.key)
+    old = old_md[old_md.index('<a id="similarity"></a>'):old_md.index('<a id="embeddings"></a>')]
+    assert "The evaluate metrics have no cosine similarities of the test pairs" in old
+    assert "Figure evaluate/similarity.png was not found" in old
+    assert "widened" not in old_md and "| same-class mean |" not in old_md
+    report.render_html(sections, RUN)

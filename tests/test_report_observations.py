@@ -186,3 +186,45 @@ def test_class_shapes_come_from_the_numbers():
     assert "in compact clusters: each class spreads 1.1×" in blobs and "by position (" in blobs
     assert obs.class_shapes(embed_viz()) == []  # unit vectors, or an older metrics file
     assert obs.class_shapes(Inputs()) == []
+
+
+def test_training_widened_the_cosine_gap():
+    # Fixture gaps: baseline 0.812 - 0.700 = 0.112, frozen 0.350, unfrozen 0.700 - 0.090 = 0.610.
+    notes = obs.similarity_gap(Inputs(metrics={"evaluate": EVALUATE}))
+    assert notes == [
+        "Training widened the gap between same-class and different-class cosine similarity "
+        "from 0.112 (baseline) to 0.350 (frozen): same-class mean 0.812 to 0.750, "
+        "different-class mean 0.700 to 0.400.",
+        "Training widened the gap between same-class and different-class cosine similarity "
+        "from 0.112 (baseline) to 0.610 (unfrozen): same-class mean 0.812 to 0.700, "
+        "different-class mean 0.700 to 0.090."]
+
+
+def test_cosine_gap_narrowed_missing_or_not_positive():
+    def entry(same: float, different: float) -> dict:
+        return {"cosine_same_mean": same, "cosine_different_mean": different,
+                "cosine_gap": same - different}
+
+    narrowed = {"baseline": entry(0.6, 0.3), "unfrozen": entry(0.5, 0.55)}  # no frozen entry
+    notes = obs.similarity_gap(Inputs(metrics={"evaluate": narrowed}))
+    assert notes[0].startswith("Training narrowed the gap between same-class and "
+                               "different-class cosine similarity from 0.300 (baseline) to "
+                               "-0.050 (unfrozen)")
+    assert notes[1].startswith("The unfrozen model's different-class test pairs are on average "
+                               "at least as similar as its same-class pairs (gap -0.050)")
+    assert len(notes) == 2
+    no_baseline = {"frozen": entry(0.7, 0.2), "unfrozen": entry(0.8, 0.1)}
+    assert obs.similarity_gap(Inputs(metrics={"evaluate": no_baseline})) == [
+        "The gap between same-class and different-class cosine similarity of the test pairs: "
+        "frozen 0.500, unfrozen 0.700 (no untrained baseline model to compare with)."]
+    only_baseline = {"baseline": entry(0.7, 0.6)}
+    assert "baseline 0.100 (no trained model to compare with)" in \
+        obs.similarity_gap(Inputs(metrics={"evaluate": only_baseline}))[0]
+    unchanged = {"baseline": entry(0.7, 0.6), "frozen": entry(0.8, 0.7)}
+    assert obs.similarity_gap(Inputs(metrics={"evaluate": unchanged}))[0].startswith(
+        "Training left the gap between same-class and different-class cosine similarity "
+        "unchanged at 0.100")
+    older = {m: {k: v for k, v in s.items() if not k.startswith("cosine_")}
+             for m, s in EVALUATE.items()}  # an evaluate.json from before the cosine metrics
+    assert obs.similarity_gap(Inputs(metrics={"evaluate": older})) == []
+    assert obs.similarity_gap(Inputs()) == []

@@ -9,8 +9,11 @@ Pair verification: fixed, seeded, balanced pairs from the val and test splits
 (``evaluation_pairs``); the distance threshold is chosen on the val pairs and applied unchanged to
 the test pairs (``verify``). Retrieval: every test image queries the gallery (the other test images,
 or the train split) by exact Euclidean k-NN (``retrieve``), one chunk of queries at a time, so
-memory is O(chunk x max_rank) and a gallery x gallery matrix is never formed. The metrics
-themselves are ``metrics``'s. Nothing here knows about params.yaml or folders.
+memory is O(chunk x max_rank) and a gallery x gallery matrix is never formed. Similarity before
+and after training: the cosine similarity of the same-class and of the different-class test pairs
+(``metrics.cosine_separation``; its ``cosine_gap`` is the one number that says the embedding
+separates classes). The metrics themselves are ``metrics``'s. Nothing here knows about
+params.yaml or folders.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ _QUERY_CHUNK = 2048
 COMPARED = {
     "accuracy": "higher", "precision": "higher", "recall": "higher", "f1": "higher",
     "tp": "higher", "tn": "higher", "fp": "lower", "fn": "lower", "roc_auc": "higher",
-    "eer": "lower", **{f"fnmr_at_fmr_{name}": "lower" for name in FMRS},
+    "eer": "lower", **{f"fnmr_at_fmr_{name}": "lower" for name in FMRS}, "cosine_gap": "higher",
     "precision_at_1": "higher", "precision_at_5": "higher",
     **{f"recall_at_{k}": "higher" for k in RECALL_KS}, "map": "higher", "map_at_r": "higher",
 }
@@ -299,12 +302,16 @@ class ModelResult:
     metrics: dict  # the model's entry in metrics/evaluate.json
     verification: Verification
     retrieval: Retrieval
+    test_similarities: np.ndarray  # (P_test,) cosine similarity of each test pair
 
 
 def evaluate_model(embeddings: Embeddings, pairs: pd.DataFrame, queries: pd.DataFrame,
                    gallery: pd.DataFrame, cfg: EvaluateConfig, seed: int) -> ModelResult:
-    """Pair verification and retrieval of one model, with bootstrap CIs and worst classes."""
+    """Pair verification and retrieval of one model, with bootstrap CIs and worst classes, and
+    the cosine similarity of its same-class vs different-class test pairs
+    (``metrics.cosine_separation``: the vectors are normalised there, whatever their length)."""
     val, test = pairs[pairs["split"] == "val"], pairs[pairs["split"] == "test"]
+    test_i, test_j = embeddings.take(test["i"]), embeddings.take(test["j"])
     verification = verify(_pair_distances(embeddings, val), val["same"].to_numpy(),
                           _pair_distances(embeddings, test), test["same"].to_numpy(),
                           cfg.threshold_criterion, cfg.bootstrap, seed)
@@ -313,6 +320,7 @@ def evaluate_model(embeddings: Embeddings, pairs: pd.DataFrame, queries: pd.Data
                          embeddings.take(gallery["row"]), gallery["label"].to_numpy(),
                          same_set, cfg.max_rank)
     scores = {**verification.metrics, **metrics.retrieval_metrics(retrieval.per_query),
+              **metrics.cosine_separation(test_i, test_j, test["same"].to_numpy()),
               "embedding_dim": int(embeddings.vectors.shape[1]), "ranks": retrieval.ranks}
     scored = _scored(retrieval.per_query)
     if cfg.bootstrap:
@@ -323,7 +331,8 @@ def evaluate_model(embeddings: Embeddings, pairs: pd.DataFrame, queries: pd.Data
             scores[f"{name}_ci_low"], scores[f"{name}_ci_high"] = low, high
     per_class = _per_class_precision_at_1(scored).sort_values(kind="stable")
     scores["worst_classes"] = per_class.index[:5].tolist()
-    return ModelResult(scores, verification, retrieval)
+    return ModelResult(scores, verification, retrieval,
+                       metrics.pair_cosine_similarities(test_i, test_j))
 
 
 def _scored(per_query: pd.DataFrame) -> pd.DataFrame:
@@ -475,6 +484,9 @@ def figures(results: dict[str, ModelResult], images: ImageCache, queries: pd.Dat
         "distance_histograms": evaluation_plots.distance_histograms(
             {m: (r.verification.test_distances, r.verification.test_same)
              for m, r in results.items()}, {m: s["threshold"] for m, s in scores.items()}),
+        "similarity": evaluation_plots.similarity_histograms(
+            {m: (r.test_similarities, r.verification.test_same) for m, r in results.items()},
+            scores),
         "retrieval_examples": evaluation_plots.retrieval_grid(
             retrieval_rows(images, queries, gallery,
                            {m: results[m].retrieval for m in shown}, picks, k),

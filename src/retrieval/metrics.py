@@ -16,7 +16,9 @@ Two families, both independent of how the inputs were produced:
 their mean, ``bootstrap_f1_ci`` does the same for F1 (not a mean of per-pair values).
 
 Also here, because every metric is computed on them: ``l2_normalize`` and ``pair_distances``,
-the one normalisation and the one pair distance of the package.
+the one normalisation and the one pair distance of the package, and the pairs' cosine similarity
+(``pair_cosine_similarities``, normalising both sides itself) with ``cosine_separation``, its
+same-class vs different-class summary.
 """
 
 from __future__ import annotations
@@ -47,6 +49,55 @@ def l2_normalize(vectors: np.ndarray) -> np.ndarray:
 def pair_distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Euclidean distance between row i of ``a`` and row i of ``b`` (both (P, D)), float64 (P,)."""
     return np.linalg.norm(np.asarray(a) - np.asarray(b), axis=1).astype(np.float64)
+
+
+def pair_cosine_similarities(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of row i of ``a`` and row i of ``b`` (both (P, D)), float64 (P,) in
+    [-1, 1].
+
+    Both sides are L2-normalised here (``l2_normalize``), so the vectors need not be unit length;
+    a pair with an all-zero row has similarity 0.
+    """
+    a, b = np.asarray(a), np.asarray(b)
+    if a.ndim != 2 or a.shape != b.shape:
+        raise ValueError(f"a and b must be (P, D) of the same shape, found {a.shape} and "
+                         f"{b.shape}")
+    cosines = np.einsum("pd,pd->p", l2_normalize(a).astype(np.float64),
+                        l2_normalize(b).astype(np.float64))
+    return np.clip(cosines, -1.0, 1.0)
+
+
+SIMILARITY_KEYS = ("cosine_same_mean", "cosine_same_std", "cosine_different_mean",
+                   "cosine_different_std", "cosine_gap")
+
+
+def cosine_separation(a: np.ndarray, b: np.ndarray, same: np.ndarray) -> dict[str, float]:
+    """How far apart the embedding puts the classes: cosine similarity of same-class vs
+    different-class pairs (row i of ``a`` and of ``b`` are pair i; ``same`` (P,) is 1 for a
+    same-class pair).
+
+    Returns ``SIMILARITY_KEYS``: the mean and (population) standard deviation of the pairs'
+    cosine similarity (``pair_cosine_similarities``: vectors are normalised first) over the
+    same-class and over the different-class pairs, and ``cosine_gap`` = same mean - different
+    mean (> 0: same-class pairs are more alike than different-class ones). A group without pairs
+    gives NaN.
+    """
+    cosines = pair_cosine_similarities(a, b)
+    is_same = _binary("same", same)
+    if is_same.shape != cosines.shape:
+        raise ValueError(f"same must have one value per pair ({len(cosines)}), found "
+                         f"{len(is_same)}")
+
+    def mean_std(values: np.ndarray) -> tuple[float, float]:
+        if values.size == 0:
+            return float("nan"), float("nan")
+        return float(values.mean()), float(values.std())
+
+    same_mean, same_std = mean_std(cosines[is_same])
+    different_mean, different_std = mean_std(cosines[~is_same])
+    return {"cosine_same_mean": same_mean, "cosine_same_std": same_std,
+            "cosine_different_mean": different_mean, "cosine_different_std": different_std,
+            "cosine_gap": same_mean - different_mean}
 
 
 # --------------------------------------------------------------------------- validation

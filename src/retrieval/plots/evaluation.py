@@ -1,9 +1,9 @@
 """Figures of the evaluate and embed_viz stages and the user commands; data in, Figure out.
 
-Confusion matrices, ROC curves and distance histograms put the models side by side; retrieval
-grids show a query and its nearest gallery images with green (same class) or red (other class)
-borders; embedding scatters colour the largest classes and leave the rest grey, so 102 classes
-stay legible.
+Confusion matrices, ROC curves, distance and cosine-similarity histograms put the models side by
+side; retrieval grids show a query and its nearest gallery images with green (same class) or red
+(other class) borders; embedding scatters colour the largest classes and leave the rest grey, so
+102 classes stay legible.
 """
 
 from __future__ import annotations
@@ -91,6 +91,41 @@ def distance_histograms(distances: dict[str, tuple[np.ndarray, np.ndarray]],
         ax.set(title=model, xlabel="Euclidean distance between embeddings", ylabel="test pairs")
         ax.legend(fontsize=8)
     figure.suptitle("Distances of positive vs negative test pairs")
+    figure.tight_layout()
+    return figure
+
+
+def similarity_histograms(similarities: dict[str, tuple[np.ndarray, np.ndarray]],
+                          summaries: dict[str, dict]) -> plt.Figure:
+    """Cosine similarity of same-class vs different-class test pairs, one panel per model on a
+    shared -1..1 axis, each group's mean marked and the gap (same mean - different mean) in the
+    panel's title.
+
+    ``similarities``: model -> (cosine similarities (P,), same (P,) 0/1); ``summaries``: model
+    -> its ``metrics.cosine_separation`` (cosine_same_mean, cosine_different_mean, cosine_gap).
+    """
+    figure, axes = plt.subplots(1, len(similarities), figsize=(4.4 * len(similarities), 3.6),
+                                squeeze=False, sharex=True)
+    bins = np.linspace(-1.0, 1.0, 51)
+    for ax, (model, (cosines, same)) in zip(axes[0], similarities.items(), strict=True):
+        cosines, same = np.asarray(cosines), np.asarray(same).astype(bool)
+        summary = summaries[model]
+        for mask, colour, name, key in ((same, RIGHT, "same class", "cosine_same_mean"),
+                                        (~same, WRONG, "different class",
+                                         "cosine_different_mean")):
+            ax.hist(cosines[mask], bins=bins, alpha=0.6, color=colour,
+                    label=f"{name} ({mask.sum()})")
+            mean = summary.get(key)
+            if mean is not None and np.isfinite(mean):
+                ax.axvline(mean, color=colour, ls="--", lw=1.5,
+                           label=f"{name} mean {mean:.3f}")
+        gap = summary.get("cosine_gap")
+        gap_text = f"gap {gap:+.3f}" if gap is not None and np.isfinite(gap) else "gap n/a"
+        ax.set(title=f"{model}: {gap_text}", xlim=(-1, 1),
+               xlabel="cosine similarity of the pair's embeddings", ylabel="test pairs")
+        ax.legend(fontsize=7, loc="best")
+    figure.suptitle("Cosine similarity of same-class vs different-class test pairs "
+                    "(gap = same mean - different mean)")
     figure.tight_layout()
     return figure
 

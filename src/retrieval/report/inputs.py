@@ -17,6 +17,9 @@ import pandas as pd
 from retrieval import compared
 
 MODELS = compared.MODELS  # the models evaluate.json compares, in this order
+# The "before training" reference (the baseline) and the trained models, in that order.
+UNTRAINED = tuple(model.name for model in compared.COMPARED_MODELS if not model.trained)
+TRAINED = tuple(model.name for model in compared.COMPARED_MODELS if model.trained)
 TRAIN_STAGES = ("train_frozen", "train_unfrozen")
 # The pipeline's stages in dvc.yaml order: the order stages are listed in (a stage not named
 # here comes after them; its metrics are read all the same).

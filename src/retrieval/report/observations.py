@@ -22,6 +22,8 @@ from retrieval.report.inputs import (
     MODELS,
     PARAMETERS_NOT_SHOWN,
     TRAIN_STAGES,
+    TRAINED,
+    UNTRAINED,
     Inputs,
     lr_changes,
 )
@@ -376,6 +378,54 @@ def hardest_classes(inputs: Inputs) -> list[str]:
         return []
     return [f"The best model by test mAP is {best} ({fmt(maps[best])}); its hardest classes "
             f"(lowest P@1) are {', '.join(map(str, worst[:5]))}."]
+
+
+def _cosine(inputs: Inputs) -> dict[str, Mapping]:
+    """model -> its evaluate.json entry, for the models with a cosine gap (in MODELS order)."""
+    scores = _scores(inputs)
+    return {m: scores[m] for m in MODELS if isinstance(scores.get(m), dict)
+            and number(scores[m].get("cosine_gap")) is not None}
+
+
+def similarity_gap(inputs: Inputs) -> list[str]:
+    """What training did to the gap between same-class and different-class cosine similarity
+    of the test pairs (the untrained reference to each trained model), and every model whose
+    gap is not positive."""
+    found = _cosine(inputs)
+    if not found:
+        return []
+    what = "the gap between same-class and different-class cosine similarity"
+    reference = next((m for m in UNTRAINED if m in found), None)
+    trained = [m for m in TRAINED if m in found]
+    notes = []
+    if reference is not None and trained:
+        old = found[reference]
+        for model in trained:
+            new = found[model]
+            if fmt(old["cosine_gap"]) == fmt(new["cosine_gap"]):
+                verb = f"left {what} unchanged at {fmt(new['cosine_gap'])}"
+            else:
+                verb = (f"{'widened' if new['cosine_gap'] > old['cosine_gap'] else 'narrowed'} "
+                        f"{what} from {fmt(old['cosine_gap'])} ({reference}) to "
+                        f"{fmt(new['cosine_gap'])} ({model})")
+            notes.append(f"Training {verb}: same-class mean "
+                         f"{fmt(old.get('cosine_same_mean'))} to "
+                         f"{fmt(new.get('cosine_same_mean'))}, different-class mean "
+                         f"{fmt(old.get('cosine_different_mean'))} to "
+                         f"{fmt(new.get('cosine_different_mean'))}.")
+    else:
+        absent = "no trained model" if reference is not None else \
+            f"no untrained {' or '.join(UNTRAINED) or 'reference'} model"
+        notes.append(f"{what[0].upper()}{what[1:]} of the test pairs: " + ", ".join(
+            f"{m} {fmt(v['cosine_gap'])}" for m, v in found.items())
+            + f" ({absent} to compare with).")
+    for model, values in found.items():
+        if values["cosine_gap"] <= 0:
+            notes.append(f"The {model} model's different-class test pairs are on average at "
+                         f"least as similar as its same-class pairs (gap "
+                         f"{fmt(values['cosine_gap'])}): its cosine similarity does not "
+                         "separate the classes.")
+    return notes
 
 
 # --- embeddings -------------------------------------------------------------------------------

@@ -114,6 +114,15 @@ SECTIONS: tuple[SectionSpec, ...] = (
             FigureSpec("evaluate/worst_queries", "The test queries with the lowest average "
                        "precision and their nearest gallery images."))),
     SectionSpec(
+        "similarity", "Cosine similarity before and after training (test pairs)",
+        needs=("evaluate",), blocks=tables.similarity,
+        figures=(FigureSpec("evaluate/similarity", "Cosine similarity between the embeddings of "
+                            "same-class (green) and different-class (red) test pairs, one panel "
+                            "per model (baseline: before training) on a shared -1..1 axis; "
+                            "dashed lines mark each group's mean, the panel title gives the gap "
+                            "(same-class mean - different-class mean)."),),
+        observations=(Observation(observations.similarity_gap, in_summary=True),)),
+    SectionSpec(
         "embeddings", "Embeddings before and after training", needs=("embed_viz",),
         collects=("embed_viz",), blocks=tables.embeddings,
         figures=(

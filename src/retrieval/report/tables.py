@@ -27,6 +27,9 @@ VERIFICATION_METRICS = ("accuracy", "precision", "recall", "f1", "roc_auc", "eer
                         "fn")
 RETRIEVAL_METRICS = ("precision_at_1", "precision_at_5", "recall_at_1", "recall_at_5",
                      "recall_at_10", "map", "map_at_r")
+# evaluate.json's cosine similarity of the test pairs (metrics.cosine_separation): own table.
+SIMILARITY_METRICS = ("cosine_same_mean", "cosine_different_mean", "cosine_gap",
+                      "cosine_same_std", "cosine_different_std")
 LOWER_IS_BETTER = {"eer", "fnmr_at_fmr_1e-2", "fnmr_at_fmr_1e-3", "fp", "fn"}
 NOT_COMPARED = {"threshold", "embedding_dim", "n_queries", "n_queries_without_relevant", "ranks",
                 "map_exact"}
@@ -69,7 +72,8 @@ def model_table(scores: Mapping[str, Mapping], names: Sequence[str], caption: st
 
 def _other_metrics(scores: Mapping[str, Mapping]) -> list[str]:
     """Numeric metrics evaluate.json has that neither table names (a new metric is shown)."""
-    known = set(VERIFICATION_METRICS) | set(RETRIEVAL_METRICS) | NOT_COMPARED
+    known = set(VERIFICATION_METRICS) | set(RETRIEVAL_METRICS) | set(SIMILARITY_METRICS) \
+        | NOT_COMPARED
     names: set[str] = set()
     for values in scores.values():
         if isinstance(values, dict):
@@ -183,6 +187,24 @@ def comparison(inputs: Inputs) -> list[Block]:
                            + ", ".join(f"{m}: {scores[m].get('embedding_dim')}-d"
                                        for m in scores) + " embeddings."))
     return blocks
+
+
+def similarity(inputs: Inputs) -> list[Block]:
+    """Mean cosine similarity of same-class and of different-class test pairs per model, and the
+    gap between them (or a notice when evaluate.json predates them)."""
+    scores = inputs.metrics.get("evaluate")
+    if scores is None:
+        return []
+    found = {m: scores[m] for m in MODELS if isinstance(scores.get(m), dict)
+             and any(number(scores[m].get(k)) is not None for k in SIMILARITY_METRICS)}
+    if not found:
+        return [Missing("The evaluate metrics have no cosine similarities of the test pairs (they "
+                        "predate them): run `dvc repro evaluate` to add them.")]
+    rows = tuple((m, *(fmt(found[m].get(k)) for k in SIMILARITY_METRICS)) for m in found)
+    return [Table(("model", "same-class mean", "different-class mean", "gap (same - different)",
+                   "same-class std", "different-class std"), rows,
+                  "Cosine similarity of the embeddings of the test pairs (vectors L2-normalised "
+                  "first)")]
 
 
 def embeddings(inputs: Inputs) -> list[Block]:
