@@ -56,10 +56,9 @@ def main() -> None:
                 direct, labels, highlighted, f"{len(labels)} test embeddings plotted directly "
                 + (f"(raw head output: {', '.join(raw)})" if raw else
                    "(L2-normalised: on the unit circle)"), "embedding",
-                {name: subtitles[name] + (f"\n{embed_viz.shape_of_classes(elongation)} "
-                                          f"(elongation {elongation:.1f})"
-                                          if (elongation := scores[name]["radial_elongation"])
-                                          is not None else "") for name in direct}),
+                {name: subtitles[name] + (f"\n{scores[name]['class_shape']} (elongation "
+                                          f"{scores[name]['radial_elongation']:.1f})"
+                                          if name in raw else "") for name in direct}),
                 PLOTS / "direct.png")
         summary = {**scores, "points": len(labels), "classes": len(set(labels)),
                    "knn_k": cfg.knn_k,

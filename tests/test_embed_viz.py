@@ -139,7 +139,7 @@ def test_geometry_tells_spokes_from_clusters():
     found = embed_viz.geometry(ray, labels)
     assert found["radial_elongation"] > 5
     assert found["silhouette_cosine"] > embed_viz.silhouette(ray, labels) + 0.2
-    assert embed_viz.shape_of_classes(found["radial_elongation"]) == "radial spokes"
+    assert found["class_shape"] == "radial spokes"
     # Contrastive's geometry: round blobs of radius ~0.3 around centres 3 from the origin.
     rng = np.random.default_rng(1)
     centres = 3 * np.array([[1, 0], [0, 1], [-1, 0], [0, -1]])
@@ -147,7 +147,7 @@ def test_geometry_tells_spokes_from_clusters():
     blobs = centres[np.repeat(np.arange(4), 40)] + rng.normal(0, 0.3, (160, 2))
     found = embed_viz.geometry(blobs, labels)
     assert 0.5 < found["radial_elongation"] < embed_viz.SPOKE_ELONGATION
-    assert embed_viz.shape_of_classes(found["radial_elongation"]) == "compact clusters"
+    assert found["class_shape"] == "compact clusters"
     # Unit vectors have no radial spread: no shape to name.
     unit, labels = clusters(n_classes=3, dim=2)
     assert embed_viz.geometry(unit, labels)["radial_elongation"] is None

@@ -176,13 +176,13 @@ def test_class_shapes_come_from_the_numbers():
                                              "frozen": {"embedding_dim": 2, **frozen}}})
 
     (spokes,) = obs.class_shapes(embed_viz(radial_elongation=6.2, silhouette=0.21,
-                                           silhouette_cosine=0.64))
+                                           silhouette_cosine=0.64, class_shape="radial spokes"))
     assert spokes.startswith("The 2-d frozen embedding (raw head output) puts its classes in "
                              "radial spokes: each class spreads 6.2× more along its mean "
                              "direction than across it; its classes separate by direction more "
                              "than by position (cosine silhouette 0.640, Euclidean 0.210)")
     (blobs,) = obs.class_shapes(embed_viz(radial_elongation=1.1, silhouette=0.7,
-                                          silhouette_cosine=0.5))
+                                          silhouette_cosine=0.5, class_shape="compact clusters"))
     assert "in compact clusters: each class spreads 1.1×" in blobs and "by position (" in blobs
     assert obs.class_shapes(embed_viz()) == []  # unit vectors, or an older metrics file
     assert obs.class_shapes(Inputs()) == []

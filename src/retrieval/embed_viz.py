@@ -134,7 +134,8 @@ def geometry(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float | None]
             spread_across = np.sqrt((across - across.mean(axis=0)).var(axis=0).sum()
                                     / (vectors.shape[1] - 1))
             elongations.append(along.std() / max(spread_across, 1e-12))
-    return {"radial_elongation": float(np.median(elongations)) if elongations else None,
+    elongation = float(np.median(elongations)) if elongations else None
+    return {"radial_elongation": elongation, "class_shape": shape_of_classes(elongation),
             "silhouette_cosine": silhouette(vectors, labels, "cosine")}
 
 

@@ -460,14 +460,13 @@ def class_shapes(inputs: Inputs) -> list[str]:
     """Radial spokes or compact clusters: the shape of the classes of each raw (un-normalised)
     embedding, from the numbers (spread along against across each class's direction, and the
     cosine against the Euclidean silhouette)."""
-    from retrieval.embed_viz import shape_of_classes
-
     metrics = inputs.metrics.get("embed_viz") or {}
     found = []
     for model in MODELS:
         scores = metrics.get(model)
         elongation = number((scores or {}).get("radial_elongation"))
-        if elongation is None:
+        shape = (scores or {}).get("class_shape")
+        if elongation is None or not shape:
             continue
         euclidean = number(scores.get("silhouette"))
         cosine = number(scores.get("silhouette_cosine"))
@@ -476,7 +475,6 @@ def class_shapes(inputs: Inputs) -> list[str]:
             by = "by direction more than by position" if cosine > euclidean else "by position"
             silhouettes = (f"; its classes separate {by} (cosine silhouette {fmt(cosine)}, "
                            f"Euclidean {fmt(euclidean)})")
-        shape = shape_of_classes(elongation)
         why = ("as cross entropy makes them: a logit grows with the length of the embedding, so "
                "a class is a direction" if shape == "radial spokes" else
                "as a distance loss makes them: same-class points are pulled to one place")

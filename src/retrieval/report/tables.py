@@ -210,8 +210,6 @@ def similarity(inputs: Inputs) -> list[Block]:
 def embeddings(inputs: Inputs) -> list[Block]:
     """Per model: dimensions, silhouette (Euclidean and cosine), leave-one-out kNN accuracy and
     P@1 in the embedding space, and the shape of the classes of a raw embedding."""
-    from retrieval.embed_viz import shape_of_classes
-
     metrics = inputs.metrics.get("embed_viz")
     if metrics is None:
         return []
@@ -219,8 +217,8 @@ def embeddings(inputs: Inputs) -> list[Block]:
     rows = tuple((m, fmt(metrics[m].get("embedding_dim")), fmt(metrics[m].get("silhouette")),
                   fmt(metrics[m].get("silhouette_cosine")), fmt(metrics[m].get("knn_accuracy")),
                   fmt(metrics[m].get("p_at_1")),
-                  shape_of_classes(metrics[m].get("radial_elongation")) or "unit vectors"
-                  if "radial_elongation" in metrics[m] else "")
+                  metrics[m].get("class_shape") or "unit vectors"
+                  if "class_shape" in metrics[m] else "")
                  for m in models)
     perplexity = metrics.get("perplexity_used", metrics.get("perplexity"))
     return [Table(("model", "dimensions", "silhouette", "silhouette (cosine)",
