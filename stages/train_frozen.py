@@ -32,7 +32,9 @@ STAGE = "train_frozen"
 
 def main() -> None:
     params = config.load_params()
-    losses.check_params(params.train)
+    # The views sampler (ntxent) needs this stage's augmentation: refused here, not mid-run.
+    losses.check_params(params.train, augment=params.train_frozen.augment,
+                        augment_key=f"{STAGE}.augment")
     t, size = params.train, params.data.image_size
     table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
     split = training.TrainingData.from_table(table)

@@ -80,7 +80,8 @@ def checked_train_params(raw: dict) -> Params:
      "train.batch_size (30) must be a multiple of images_per_class (4)"),
     ({"train": {"loss": "arcface"}}, "train.loss is 'arcface', expected one of ['contrastive', "
                                      "'inbatch_contrastive', 'triplet', 'supcon', "
-                                     "'cross_entropy']: change train.loss in params.yaml"),
+                                     "'cross_entropy', 'ntxent']: change train.loss in "
+                                     "params.yaml"),
 ])
 def test_bad_loss_params_are_rejected_by_name_in_one_line(raw, message):
     with pytest.raises(ParamsError) as error:

@@ -15,6 +15,7 @@ from retrieval.losses import (
     ContrastiveLoss,
     CrossEntropyLoss,
     InBatchContrastiveLoss,
+    NTXentLoss,
     SupConLoss,
     TripletLoss,
     TupleLoss,
@@ -240,6 +241,7 @@ def test_registry_lists_every_loss_with_its_sampler_and_classifier_need():
         "triplet": (TripletLoss, "triplets", False),
         "supcon": (SupConLoss, "batches", False),
         "cross_entropy": (CrossEntropyLoss, "batches", True),
+        "ntxent": (NTXentLoss, "views", False),
     }
     assert list(LOSSES) == list(expected)  # the order error messages list them in
     for name, (cls, sampler, classifier) in expected.items():
@@ -252,13 +254,14 @@ def test_build_loss_reads_margin_and_temperature_from_the_train_params():
     assert build_loss(TrainConfig(loss="triplet", margin=0.5)).margin == 0.5
     assert build_loss(TrainConfig(loss="contrastive", margin=0.7)).margin == 0.7
     assert build_loss(TrainConfig(loss="supcon", temperature=0.2)).temperature == 0.2
+    assert build_loss(TrainConfig(loss="ntxent", temperature=0.3)).temperature == 0.3
     # At collapse (distance 0) each contrastive negative costs margin^2 / 2; half are negatives.
     assert LOSSES["contrastive"].collapsed_value(TrainConfig(margin=0.6)) == pytest.approx(0.09)
 
 
 def test_an_unknown_loss_names_the_registered_ones():
     with pytest.raises(ValueError, match="contrastive, inbatch_contrastive, triplet, supcon, "
-                                         "cross_entropy"):
+                                         "cross_entropy, ntxent"):
         losses.loss_spec("contrastiv")
 
 
@@ -272,7 +275,8 @@ def test_every_loss_takes_the_one_signature_and_gives_a_differentiable_scalar(na
     if not spec.needs_classifier:
         emb = nn.functional.normalize(emb, dim=1)
     tuples = {"pairs": torch.tensor([[0, 3], [1, 2], [4, 5]]),
-              "triplets": torch.tensor([[0, 3, 1], [1, 4, 2]]), "batches": None}[spec.sampler]
+              "triplets": torch.tensor([[0, 3, 1], [1, 4, 2]]), "batches": None,
+              "views": torch.arange(6)[:, None] + 6 * torch.arange(2)}[spec.sampler]
     emb.requires_grad_()
     loss = spec.build(TrainConfig(loss=name))(emb, labels, tuples)
     assert loss.shape == () and torch.isfinite(loss)

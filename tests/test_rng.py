@@ -9,7 +9,7 @@ def test_stream_numbers_and_fixed_epochs_never_change():
     # Renumbering a stream changes which pairs, triplets and batches every run sees.
     assert {s.name: s.value for s in rng.Stream} == {
         "PAIRS": 0, "HARD_PAIRS_SHUFFLE": 1, "HARD_NEGATIVE_PICK": 2, "RANDOM_NEGATIVES": 3,
-        "TRIPLETS": 4, "CLASS_BALANCED_BATCHES": 5}
+        "TRIPLETS": 4, "CLASS_BALANCED_BATCHES": 5, "VIEW_BATCHES": 6}
     assert (rng.VAL_EPOCH, rng.TRAIN_EVAL_EPOCH) == (1_000_000, 1_000_001)
     assert (rng.EVALUATE_VAL_EPOCH, rng.EVALUATE_TEST_EPOCH) == (2_000_000, 2_000_001)
     assert {s.name: s.value for s in rng.Subsample} == {

@@ -7,8 +7,9 @@ As in pytorch-metric-learning, every loss is an ``nn.Module`` called as
                 entry says ``needs_classifier``
     labels      (N,) int class ids of those rows
     tuples      (B, k) int rows into ``embeddings``: pairs ``[a, b]`` (k = 2) or triplets
-                ``[anchor, positive, negative]`` (k = 3) for the losses over tuples; ``None`` for
-                the losses over a whole labelled batch (every pair in it)
+                ``[anchor, positive, negative]`` (k = 3) for the losses over tuples, the two
+                views ``[v1, v2]`` of each image for NT-Xent; ``None`` for the losses over a
+                whole labelled batch (every pair in it)
 
 and returns a scalar. The tuple losses (``TupleLoss``) are the mean of one term per tuple and
 expose those terms (``terms``), so a training loop can log the fraction of active tuples
@@ -16,7 +17,8 @@ expose those terms (``terms``), so a training loop can log the fraction of activ
 
 A new loss is one entry in ``LOSSES``: how to build it from the train params, which sampler
 feeds it (``pairs`` from ``sampling.sample_pairs``, ``triplets`` from
-``sampling.sample_triplets``, ``batches`` from ``sampling.class_balanced_batches``; see
+``sampling.sample_triplets``, ``batches`` from ``sampling.class_balanced_batches``, ``views``
+from ``sampling.view_batches``: two augmentations of each image, no labels; see
 ``training.epoch_work``) and whether the network needs a linear classifier for it. params.yaml's
 ``train.loss`` is validated against the registry.
 """
@@ -33,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:  # only for type hints: config imports this module to validate train.loss
-    from retrieval.config import TrainConfig
+    from retrieval.config import AugmentConfig, TrainConfig
 
 # Added under the square root of the hinge term only: sqrt has an infinite derivative at 0,
 # and a dissimilar pair can sit at distance 0 (e.g. a collapsed embedding at initialisation).
@@ -206,6 +208,64 @@ class SupConLoss(nn.Module):
         return -mean_log_prob_pos[n_pos > 0].mean()
 
 
+class NTXentLoss(nn.Module):
+    """NT-Xent, SimCLR's label-free contrastive loss (Chen et al. 2020).
+
+    The batch holds two random augmentations ("views") of each of B images, 2B rows;
+    ``tuples`` (B, 2) names the two rows of each image (training embeds ``[v1..., v2...]``, so
+    ``[k, B + k]``). For every anchor ``a`` in a tuple, its positive ``p`` is the other view of
+    the same image and every other row of the batch is a negative, two views of two images of
+    one class included:
+    ``l_a = -log( exp(s_ap / T) / sum_{k != a} exp(s_ak / T) )`` with ``s`` the cosine
+    similarity; the loss is the mean over the 2B anchors. ``labels`` are not read (they may be
+    None): which rows belong together is all in ``tuples``.
+
+    When every embedding sits at one point, every ``s`` is 1 and each anchor costs
+    ``log(2B - 1)`` whatever T (tests/test_ntxent.py checks it). That is no constant of the
+    params, so the registry entry does not declare it as ``collapsed_value``: an epoch's last
+    step is shorter unless the train split is a multiple of batch_size / 2 images, which moves
+    the epoch's mean at collapse; ``fit``'s other alarm (val embeddings at one point) covers it.
+    """
+
+    def __init__(self, temperature: float = 0.1) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(
+                f"temperature must be > 0, found {temperature}: 0.05 to 0.5 is typical"
+            )
+        self.temperature = temperature
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None,
+                tuples: torch.Tensor | None = None) -> torch.Tensor:
+        return self.terms(embeddings, tuples).mean()
+
+    def terms(self, embeddings: torch.Tensor, tuples: torch.Tensor | None) -> torch.Tensor:
+        """Per-anchor terms (2B,): the first views' anchors, then the second views'."""
+        if embeddings.ndim != 2:
+            raise ValueError(f"expected embeddings (N, D), found {tuple(embeddings.shape)}: "
+                             "pass one row per view")
+        if tuples is None or tuples.ndim != 2 or tuples.shape[1] != 2 or len(tuples) < 2:
+            found = "None" if tuples is None else str(tuple(tuples.shape))
+            raise ValueError(f"NTXentLoss expects tuples of shape (B, 2) with B >= 2 (the two "
+                             f"views of each image, rows into the embeddings), found {found}")
+        anchors = torch.cat([tuples[:, 0], tuples[:, 1]])  # (2B,)
+        if anchors.min() < 0 or anchors.max() >= len(embeddings) \
+                or len(anchors.unique()) != len(anchors):
+            raise ValueError(f"NTXentLoss expects every tuple entry to be a distinct row in "
+                             f"[0, {len(embeddings)}), found repeated or out-of-range rows: "
+                             "name each view once")
+        positives = torch.cat([tuples[:, 1], tuples[:, 0]])  # (2B,)
+        # float32: under bf16 autocast the logits (up to 1/T) would keep ~3 significant digits.
+        z = F.normalize(embeddings.float(), dim=1)  # (N, D)
+        logits = z[anchors] @ z.T / self.temperature  # (2B, N): every row is a candidate
+        # An anchor is not its own candidate; rows in no tuple stay negatives of everyone.
+        logits = logits.masked_fill(
+            anchors[:, None] == torch.arange(len(z), device=z.device)[None, :], float("-inf"))
+        # logsumexp subtracts the row max, so exp() stays in range at any temperature.
+        positive = logits.gather(1, positives[:, None])[:, 0]  # (2B,)
+        return torch.logsumexp(logits, dim=1) - positive
+
+
 class CrossEntropyLoss(nn.Module):
     """Softmax cross-entropy of class logits (N, C) against labels: the classifier baseline."""
 
@@ -218,7 +278,7 @@ class CrossEntropyLoss(nn.Module):
 
 # --- the registry ------------------------------------------------------------------------------
 
-Sampler = Literal["pairs", "triplets", "batches"]
+Sampler = Literal["pairs", "triplets", "batches", "views"]
 
 
 @dataclass(frozen=True)
@@ -226,7 +286,9 @@ class LossSpec:
     """One registered loss: how to build it and what a training step must feed it."""
 
     build: Callable[[TrainConfig], nn.Module]  # from the train section of params.yaml
-    sampler: Sampler  # pairs [i, j] | triplets [a, p, n] | class-balanced labelled batches
+    # pairs [i, j] | triplets [a, p, n] | class-balanced labelled batches | views (each image of
+    # an unlabelled shuffle embedded twice, under two random augmentations)
+    sampler: Sampler
     # The network gets a linear classifier on its (un-normalised) head output and the loss sees
     # its logits; otherwise the loss sees L2-normalised embeddings.
     needs_classifier: bool = False
@@ -246,6 +308,8 @@ LOSSES: dict[str, LossSpec] = {
     "triplet": LossSpec(lambda c: TripletLoss(c.margin), "triplets"),
     "supcon": LossSpec(lambda c: SupConLoss(c.temperature), "batches"),
     "cross_entropy": LossSpec(lambda c: CrossEntropyLoss(), "batches", needs_classifier=True),
+    # SimCLR: two augmentations of each image, no labels; no collapsed_value (see NTXentLoss).
+    "ntxent": LossSpec(lambda c: NTXentLoss(c.temperature), "views"),
 }
 
 
@@ -256,19 +320,47 @@ def loss_spec(name: str) -> LossSpec:
     return LOSSES[name]
 
 
-def check_params(cfg: TrainConfig, key: str = "train") -> None:
+def check_params(cfg: TrainConfig, key: str = "train", augment: AugmentConfig | None = None,
+                 augment_key: str = "augment") -> None:
     """The loss is registered and the batches fit its sampler, or a ParamsError naming the key
-    (the training stages call this before any work)."""
+    (the training stages call this before any work). ``augment``: the calling stage's
+    augmentation (``augment_key`` its params key), which the ``views`` sampler needs.
+
+    For NT-Xent the frozen stage is *not* switched to its augmented path behind the user's
+    back: ``train_frozen.augment.enabled: false`` would then no longer mean what it says, and
+    the cost of an epoch would jump (no feature cache: the backbone runs on every view) without
+    a param showing why. Without augmentation both views of an image are the same input, so
+    each positive pair is trivially solved and nothing invariant is learnt: that is an error
+    that names the key to set.
+    """
     from retrieval.config import ParamsError
 
     if cfg.loss not in LOSSES:
         raise ParamsError(f"{key}.loss is '{cfg.loss}', expected one of {list(LOSSES)}: "
                           f"change {key}.loss in params.yaml")
-    if LOSSES[cfg.loss].sampler == "batches" and cfg.batch_size % cfg.images_per_class:
+    sampler = LOSSES[cfg.loss].sampler
+    if sampler == "batches" and cfg.batch_size % cfg.images_per_class:
         # class_balanced_batches cuts P classes x K images
         raise ParamsError(f"{key}.batch_size ({cfg.batch_size}) must be a multiple of "
                           f"images_per_class ({cfg.images_per_class}): change {key}.batch_size "
                           "in params.yaml")
+    if sampler == "views":
+        # batch_size / 2 images a step, each twice; an image needs another image as a negative.
+        if cfg.batch_size < 4 or cfg.batch_size % 2:
+            raise ParamsError(f"{key}.batch_size ({cfg.batch_size}) must be even and >= 4 for "
+                              f"{key}.loss '{cfg.loss}' (two views of at least 2 images a "
+                              f"step): change {key}.batch_size in params.yaml")
+        if augment is not None and not augment.enabled:
+            raise ParamsError(f"{augment_key}.enabled is false, but {key}.loss '{cfg.loss}' "
+                              "contrasts two random augmentations of each image (without them "
+                              f"both views are the same): set {augment_key}.enabled: true in "
+                              "params.yaml")
+        if augment is not None and augment.crop_scale_min >= 1 and not augment.flip \
+                and augment.color_jitter == 0:
+            # RandomResizedCrop at scale 1 always falls back to the whole image.
+            raise ParamsError(f"{augment_key} changes no image (crop_scale_min 1, no flip, no "
+                              f"colour jitter), but {key}.loss '{cfg.loss}' needs two different "
+                              f"views: lower {augment_key}.crop_scale_min in params.yaml")
 
 
 def build_loss(cfg: TrainConfig) -> nn.Module:

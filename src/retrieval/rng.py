@@ -31,6 +31,7 @@ class Stream(enum.IntEnum):
     RANDOM_NEGATIVES = 3  # random_negatives
     TRIPLETS = 4  # sample_triplets: positives and the shuffle
     CLASS_BALANCED_BATCHES = 5  # class_balanced_batches
+    VIEW_BATCHES = 6  # view_batches: the shuffle of the images
 
 
 @enum.unique
@@ -48,7 +49,7 @@ class Subsample(enum.IntEnum):
 
 
 # Fixed "epochs" for samples that never change during a run. Real epochs count from 1.
-VAL_EPOCH = 1_000_000  # training: validation pairs (and validation triplets)
+VAL_EPOCH = 1_000_000  # training: validation pairs (and triplets, and NT-Xent's views)
 TRAIN_EVAL_EPOCH = 1_000_001  # training: the train-split pairs that train_* metrics use
 EVALUATE_VAL_EPOCH = 2_000_000  # evaluation: val pairs the decision threshold is chosen on
 EVALUATE_TEST_EPOCH = 2_000_001  # evaluation: test pairs

@@ -1,4 +1,5 @@
-"""Pairs, triplets, class-balanced batches and hard-negative mining for metric learning.
+"""Pairs, triplets, class-balanced batches, unlabelled view batches and hard-negative mining
+for metric learning.
 
 Everything here is a pure function of its arguments: randomness comes from
 ``rng.sampler(seed, epoch, stream)`` (one named stream per function, see ``retrieval.rng``), so
@@ -416,3 +417,21 @@ def class_balanced_batches(
         left[chosen] -= 1
         batches.append(np.concatenate([groups[u][left[u]] for u in chosen]))
     return batches
+
+
+def view_batches(n_images: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """One epoch of NT-Xent steps: a seeded shuffle of ``range(n_images)`` cut into steps of
+    ``batch_size // 2`` images, each of which training embeds twice (two augmentations), so a
+    step is ``batch_size`` rows.
+
+    No labels are taken: two images of one class in a step are negatives of each other, as in
+    SimCLR. Every image is in exactly one step, except that a last step of a single image (it
+    would have no negative) is dropped. Deterministic per (seed, epoch), a new order each epoch.
+    """
+    if batch_size < 4:
+        raise ValueError(f"batch_size must be >= 4 (two views of at least 2 images), found "
+                         f"{batch_size}: increase batch_size")
+    per_step = batch_size // 2
+    order = sampler(seed, epoch, Stream.VIEW_BATCHES).permutation(n_images)
+    steps = [order[i:i + per_step] for i in range(0, n_images, per_step)]
+    return [s for s in steps if len(s) >= 2]

@@ -7,6 +7,10 @@ What an epoch is depends on the sampler the loss's ``losses.LOSSES`` entry names
               negative is mined among the anchor's top-k nearest
               other-class neighbours under the current model (or random)
     batches   class-balanced batches (P classes x K images); the loss sees the whole batch
+    views     an unlabelled shuffle of the train images, batch_size / 2 a step, each embedded
+              twice in one forward batch so the augmentation gives it two different views
+              (NT-Xent); it needs an ``ImageEncoder`` that augments, and validates on two
+              views of every val image drawn from a fixed seed
 A loss that needs a classifier sees the logits of a linear classifier on the head output,
 every other loss the L2-normalised embeddings.
 
@@ -87,6 +91,7 @@ class ImageEncoder:
         self.model, self.images, self.image_size = model, images, image_size
         self.frozen_trunk = frozen_trunk
         self.device, self.precision = device, precision
+        self.augment_config = augment
         self.augment = (transforms.BatchAugment(image_size, augment, self.net.normalization)
                         if augment.enabled else None)
         self.crop = transforms.eval_crop(image_size)
@@ -113,6 +118,26 @@ class ImageEncoder:
         return run_batched(lambda x: net(x, normalize=False), self.images, indices,
                            self.image_size, self.device, self.precision, net.normalization)
 
+    def eval_views(self, indices: np.ndarray, seed: int, batch_size: int) -> np.ndarray:
+        """Embeddings (2, n, D), not normalised, of two random augmentations of each image, in
+        inference mode: the views of each ``batch_size // 2`` images go through the network in
+        one batch, as in training. The augmentation draws from its own generator seeded with
+        ``seed`` (the training stream is left alone), so a fixed seed gives the same views at
+        every call: validation's NT-Xent compares epochs on the same inputs."""
+        if self.augment is None:
+            raise ValueError("eval_views needs augmentation (two views of an unaugmented image "
+                             "are the same): build the ImageEncoder with augment.enabled")
+        augment = transforms.BatchAugment(self.image_size, self.augment_config,
+                                          self.net.normalization)
+        augment.reseed(seed)
+        net, views = self.net, []
+        with torch.inference_mode(), runtime.autocast(self.device, self.precision):
+            for chunk in _chunks(indices, max(1, batch_size // 2)):
+                batch = self.images.batch(np.concatenate([chunk, chunk]))
+                z = net(augment(batch.to(self.device, non_blocking=True)), normalize=False)
+                views.append(z.float().cpu().view(2, len(chunk), -1))  # [first; second] views
+        return torch.cat(views, dim=1).numpy()
+
     def reseed(self, seed: int) -> None:
         """Restart the augmentation's random stream (``fit`` does, every epoch)."""
         if self.augment is not None:
@@ -128,8 +153,9 @@ class ImageEncoder:
 
 @dataclass
 class EpochWork:
-    kind: losses.Sampler  # "pairs" | "triplets" | "batches"
-    # per step, global indices: pairs (B, 3) [i, j, same], triplets (B, 3) [a, p, n], batches (B,)
+    kind: losses.Sampler  # "pairs" | "triplets" | "batches" | "views"
+    # per step, global indices: pairs (B, 3) [i, j, same], triplets (B, 3) [a, p, n], batches (B,),
+    # views (B,) images, each embedded twice
     items: list[np.ndarray]
     mined_distances: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
@@ -164,6 +190,9 @@ def epoch_work(cfg: TrainConfig, train_idx: np.ndarray, labels: np.ndarray, seed
         if cfg.triplets_per_epoch:  # the triplets come shuffled: the first ones are a sample
             rows = rows[:cfg.triplets_per_epoch]
         return EpochWork(kind, _chunks(rows, max(1, batch_size // 3)), mined)
+    if kind == "views":  # no labels read: other images of the same class are negatives
+        steps = sampling.view_batches(len(train_idx), batch_size, seed, epoch)
+        return EpochWork(kind, [train_idx[s] for s in steps])
     batches = sampling.class_balanced_batches(train_labels, batch_size, cfg.images_per_class,
                                               seed, epoch)
     return EpochWork(kind, [train_idx[b] for b in batches])
@@ -191,6 +220,14 @@ class StepStats:
         if terms is not None:
             self.active.append(float((terms > 0).float().mean()))
 
+    def record_views(self, out: torch.Tensor, tuples: torch.Tensor) -> None:
+        """Distances between the two views of each image (as positives) and from each image's
+        first view to the next image's second view (a sample of negatives, one per image; a
+        step has >= 2 images). No active fraction: every NT-Xent term is > 0."""
+        first, second = out[tuples[:, 0]].detach(), out[tuples[:, 1]].detach()
+        self.positive_distances.append((first - second).norm(dim=1).cpu().numpy())
+        self.negative_distances.append((first - second.roll(1, dims=0)).norm(dim=1).cpu().numpy())
+
     def summary(self) -> dict[str, float]:
         pos = np.concatenate(self.positive_distances) if self.positive_distances else np.zeros(1)
         neg = np.concatenate(self.negative_distances) if self.negative_distances else np.zeros(1)
@@ -205,9 +242,14 @@ def step_inputs(kind: losses.Sampler,
     """The images one step embeds, all in one batch (for BatchNorm), and the tuples of rows into
     them that the loss takes: pairs (B, 3) ``[i, j, same]`` embed ``[i..., j...]`` with tuples
     ``[k, B + k]``; triplets (B, 3) embed ``[a..., p..., n...]`` with ``[k, B + k, 2B + k]``;
-    a batch (B,) embeds itself, no tuples."""
+    a batch (B,) embeds itself, no tuples; views (B,) embed ``[x..., x...]`` with tuples
+    ``[k, B + k]``: both occurrences of an image sit in one batch, and the augmentation draws
+    for every row of a batch independently, so they become two different views."""
     if kind == "batches":
         return item, None
+    if kind == "views":
+        b = len(item)
+        return np.concatenate([item, item]), np.arange(b)[:, None] + b * np.arange(2)
     columns = item[:, :2] if kind == "pairs" else item  # the same flag is not an image
     b, width = columns.shape
     return columns.T.reshape(-1), np.arange(b)[:, None] + b * np.arange(width)
@@ -226,6 +268,10 @@ def train_step_loss(spec: losses.LossSpec, loss_fn: nn.Module, net: EmbeddingNet
     indices, tuples = step_inputs(spec.sampler, item)
     z = project(indices)  # (M, D), not normalised
     out = loss_inputs(spec, net, z)
+    if spec.sampler == "views":  # label-free: the rows' pairing is all in the tuples
+        rows = torch.as_tensor(tuples, device=z.device)
+        stats.record_views(out, rows)
+        return loss_fn(out, None, rows)
     y = torch.as_tensor(labels[indices], device=z.device)
     if tuples is None:
         return loss_fn(out, y)
@@ -294,6 +340,23 @@ def validation_loss(spec: losses.LossSpec, loss_fn: nn.Module, net: EmbeddingNet
             out = net.embedding(z)
         y = torch.as_tensor(val_labels[indices])
         return float(loss_fn(out, y, None if tuples is None else torch.from_numpy(tuples)))
+
+
+def views_validation_loss(loss_fn: nn.Module, views: np.ndarray, batch_size: int,
+                          seed: int) -> float:
+    """NT-Xent on two fixed augmented views (2, n, D) of the n val images, in steps of the
+    training's size (the loss depends on how many negatives a step has): a fixed shuffle
+    (``rng.VAL_EPOCH``) cut like a training epoch, the steps' losses weighted by their images.
+    No labels, like the training loss."""
+    total, images = 0.0, 0
+    with torch.no_grad():
+        for step in sampling.view_batches(views.shape[1], batch_size, seed, rng.VAL_EPOCH):
+            _, tuples = step_inputs("views", step)
+            z = torch.from_numpy(np.concatenate([views[0][step], views[1][step]]))
+            total += len(step) * float(loss_fn(z, None,  # NT-Xent compares by cosine
+                                               torch.from_numpy(tuples)))
+            images += len(step)
+    return total / images if images else math.nan
 
 
 def pair_metrics(distances: np.ndarray, same: np.ndarray, threshold: float) -> dict[str, float]:
@@ -377,12 +440,19 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         on_epoch: Callable[[int, dict], None] | None = None,
         save_best: Callable[[dict, int, dict], None] | None = None) -> FitResult:
     """Train ``net`` through ``encoder`` on ``data``'s train split for up to ``epochs``, keeping
-    the weights with the lowest validation loss. ``resume``: continue from (and write) the
+    the weights with the lowest validation loss (for NT-Xent, the label-free
+    ``views_validation_loss``). ``resume``: continue from (and write) the
     state of the last finished epoch; ``None`` keeps none. ``on_epoch(epoch, row)`` sees each
     history row; ``save_best(state, epoch, row)`` gets the best weights if training stops on a
     non-finite value."""
     train_idx, val_idx, labels = data.train_idx, data.val_idx, data.labels
     spec = losses.loss_spec(cfg.loss)
+    if spec.sampler == "views" and not (isinstance(encoder, ImageEncoder)
+                                        and encoder.augment is not None):
+        # The stages refuse these params first (losses.check_params); this guards other callers.
+        raise UserError(f"train.loss '{cfg.loss}' needs two different augmentations of each "
+                        "image, but this encoder does not augment: train through an "
+                        "ImageEncoder with augmentation enabled")
     loss_fn = spec.build(cfg)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
@@ -418,8 +488,13 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
             raise stop(
                 "non-finite (NaN/inf) embeddings: lower lr or check the input data; the "
                 f"best checkpoint so far (epoch {best.epoch}) is kept")
-        val_loss = validation_loss(spec, loss_fn, net, z_val, val_idx, labels, seed,
-                                   eval_pairs.val, val_position)
+        if spec.sampler == "views":  # two augmented views, drawn from the same seed each epoch
+            views = encoder.eval_views(val_idx, rng.torch_epoch_seed(
+                seed, rng.VAL_EPOCH, rng.TorchStream.AUGMENT), batch_size)
+            val_loss = views_validation_loss(loss_fn, views, batch_size, seed)
+        else:
+            val_loss = validation_loss(spec, loss_fn, net, z_val, val_idx, labels, seed,
+                                       eval_pairs.val, val_position)
         val_d = pair_distances(dict(zip(val_idx.tolist(), embedding_space(net, z_val),
                                         strict=True)), eval_pairs.val)
         threshold = metrics.choose_threshold(val_d, eval_pairs.val[:, 2],
