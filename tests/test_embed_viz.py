@@ -151,6 +151,11 @@ def test_geometry_tells_spokes_from_clusters():
     # Unit vectors have no radial spread: no shape to name.
     unit, labels = clusters(n_classes=3, dim=2)
     assert embed_viz.geometry(unit, labels)["radial_elongation"] is None
+    # Classes that do not separate have no shape, however elongated each one is.
+    mixed = ray.copy()
+    np.random.default_rng(2).shuffle(mixed)
+    found = embed_viz.geometry(mixed, spokes()[1])
+    assert found["class_shape"] == "overlapping classes"
     assert embed_viz.shape_of_classes(None) is None
 
 

@@ -186,6 +186,10 @@ def test_class_shapes_come_from_the_numbers():
     assert "in compact clusters: each class spreads 1.1×" in blobs and "by position (" in blobs
     assert obs.class_shapes(embed_viz()) == []  # unit vectors, or an older metrics file
     assert obs.class_shapes(Inputs()) == []
+    (overlap,) = obs.class_shapes(embed_viz(radial_elongation=3.1, silhouette=-0.11,
+                                            silhouette_cosine=-0.37,
+                                            class_shape="overlapping classes"))
+    assert "does not separate its classes (silhouette -0.110, cosine -0.370)" in overlap
 
 
 def test_training_widened_the_cosine_gap():

@@ -110,14 +110,17 @@ def knn_scores(vectors: np.ndarray, labels: np.ndarray, k: int) -> dict[str, flo
 # The spread along a class's direction, over the spread across it, above which its points lie
 # on a radial spoke from the origin rather than in a compact cluster.
 SPOKE_ELONGATION = 2.0
+# Below this silhouette, by position and by direction alike, the classes overlap: no shape.
+SEPARATED_SILHOUETTE = 0.1
 
 
-def geometry(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+def geometry(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float | str | None]:
     """How the classes lie around the origin: ``radial_elongation``, the median over classes of
     the standard deviation of the points along the class's mean direction over that across it
-    (per dimension), and ``silhouette_cosine``. Cross entropy spreads a class along a ray
-    (elongation >> 1, cosine silhouette above the Euclidean one); a distance loss packs it
-    into a blob (about 1). Unit vectors have no radial spread: their elongation is None."""
+    (per dimension), ``silhouette_cosine`` and ``class_shape`` in words. Cross entropy spreads
+    a class along a ray (elongation >> 1, cosine silhouette above the Euclidean one); a
+    distance loss packs it into a blob (about 1). Unit vectors have no radial spread: their
+    elongation and shape are None."""
     vectors = np.asarray(vectors, dtype=np.float64)
     labels = np.asarray(labels).astype(str)
     norms = np.linalg.norm(vectors, axis=1)
@@ -135,12 +138,16 @@ def geometry(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float | None]
                                     / (vectors.shape[1] - 1))
             elongations.append(along.std() / max(spread_across, 1e-12))
     elongation = float(np.median(elongations)) if elongations else None
-    return {"radial_elongation": elongation, "class_shape": shape_of_classes(elongation),
-            "silhouette_cosine": silhouette(vectors, labels, "cosine")}
+    by_direction = silhouette(vectors, labels, "cosine")
+    separated = max(silhouette(vectors, labels) or -1, by_direction or -1) >= SEPARATED_SILHOUETTE
+    return {"radial_elongation": elongation, "silhouette_cosine": by_direction,
+            "class_shape": shape_of_classes(elongation) if separated or elongation is None
+            else "overlapping classes"}
 
 
 def shape_of_classes(elongation: float | None) -> str | None:
-    """'radial spokes' or 'compact clusters' (None for unit vectors): ``geometry`` in words."""
+    """'radial spokes' or 'compact clusters' (None for unit vectors): the elongation in words
+    (``geometry`` says 'overlapping classes' instead when the classes do not separate)."""
     if elongation is None:
         return None
     return "radial spokes" if elongation >= SPOKE_ELONGATION else "compact clusters"

@@ -471,6 +471,11 @@ def class_shapes(inputs: Inputs) -> list[str]:
         euclidean = number(scores.get("silhouette"))
         cosine = number(scores.get("silhouette_cosine"))
         silhouettes = ""
+        if shape == "overlapping classes":
+            found.append(f"The {scores.get('embedding_dim')}-d {model} embedding (raw head "
+                         f"output) does not separate its classes (silhouette {fmt(euclidean)}, "
+                         f"cosine {fmt(cosine)}), so their shape says nothing.")
+            continue
         if euclidean is not None and cosine is not None:
             by = "by direction more than by position" if cosine > euclidean else "by position"
             silhouettes = (f"; its classes separate {by} (cosine silhouette {fmt(cosine)}, "
