@@ -204,3 +204,17 @@ def test_cosine_similarity_section_with_and_without_its_metrics(rendered, tmp_pa
     assert "Figure evaluate/similarity.png was not found" in old
     assert "widened" not in old_md and "| same-class mean |" not in old_md
     report.render_html(sections, RUN)
+
+
+def test_pdf_table_with_one_very_long_column_keeps_room_for_the_others(tmp_path):
+    # A 100-epoch run's learning-rate table: the changes column is hundreds of characters long,
+    # and a proportional share left the stage column narrower than its padding (reportlab
+    # refused to lay it out).
+    from retrieval.report.document import Section, Table
+
+    changes = "; ".join(f"epoch {e}: 0.0001 to 5e-05" for e in range(4, 100, 7))
+    table = Table(("stage", "initial lr", "changes", "final lr"),
+                  (("train_frozen", "0.0001", "none", "0.0001"),
+                   ("train_unfrozen", "0.0001", changes, "1.2207e-08")), "Learning rate")
+    report.render_pdf([Section("lr", "Learning rate", [table])], RUN, tmp_path / "r.pdf")
+    assert (tmp_path / "r.pdf").read_bytes().startswith(b"%PDF")

@@ -98,9 +98,18 @@ def render_pdf(sections: Sequence[Section], run: RunInfo, path: str | Path) -> N
                 lengths = [max([max(map(len, block.header[j].split() or [""]))]
                                + [len(r[j]) for r in block.rows]) + 2
                            for j in range(len(block.header))]
-                widths = [width * n / sum(lengths) for n in lengths] if sum(lengths) > 90 \
-                    else [n * 0.19 * cm * (0.8 if style is small else 1) + 0.3 * cm
-                          for n in lengths]
+                char = 0.19 * cm * (0.8 if style is small else 1)
+                widths = [n * char + 0.3 * cm for n in lengths]
+                if sum(lengths) > 90:  # too wide: share the page, each column keeping room
+                    # for its longest word (a column's share of a long row could be less than
+                    # its padding, which reportlab refuses)
+                    words = [max(len(w) for text in (block.header[j], *(r[j] for r in block.rows))
+                                 for w in (text.split() or [""])) for j in range(len(lengths))]
+                    least = [n * char + 0.45 * cm for n in words]
+                    spare = width - sum(least)
+                    widths = ([m + spare * n / sum(lengths) for m, n in zip(least, lengths,
+                                                                             strict=True)]
+                              if spare > 0 else [width * n / sum(lengths) for n in lengths])
                 table = PdfTable(cells, colWidths=widths, repeatRows=1, hAlign="LEFT")
                 table.setStyle(TableStyle([
                     ("GRID", (0, 0), (-1, -1), 0.4, colors.HexColor("#bbbbbb")),
