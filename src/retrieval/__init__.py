@@ -7,8 +7,10 @@ section) is one registry entry in one of them.
     workspace    where the project, the datasets and the shared caches are
     paths        every file the stages hand each other (dvc.yaml's deps and outs)
     outputs      atomic writes, one-line user errors, JSON/CSV/Markdown outputs
-    data         indexing a folder or the sample, loading images and masks, splits
+    sources      SOURCES (registry): where data.source puts the images (synthetic, digits, folder)
+    data         indexing a folder, loading images and masks, splits
     synthetic    the bundled sample dataset (shapes x patterns, with exact masks)
+    digits       scikit-learn's bundled 8x8 handwritten digits as a folder dataset (offline)
     transforms   pixels -> model inputs; NORMALIZATIONS (one per backbone family); batched
                  augmentation with its own generator
     cache        the decoded-image cache and cached arrays (frozen features)
@@ -16,14 +18,15 @@ section) is one registry entry in one of them.
     runtime      device, bf16 autocast, channels_last, torchrun/DDP
     embed        batched inference over the image cache
     rng          every named random stream
-    sampling     pairs, triplets, class-balanced batches, hard-negative mining
-    losses       LOSSES (registry): contrastive, triplet, in-batch, SupCon, cross entropy
+    sampling     pairs, triplets, class-balanced batches, unlabelled view batches, mining
+    losses       LOSSES (registry): contrastive, triplet, in-batch, SupCon, cross entropy,
+                 NT-Xent (label-free)
     training     the training loop (fit), encoders
     metrics      verification and retrieval metrics, bootstrap CIs
     search       exact FAISS k-NN and the saved gallery index
     compared     COMPARED_MODELS (registry): baseline / frozen / fine-tuned
     evaluation   pair verification and retrieval of the compared models, their tables
-    embed_viz    t-SNE / PCA layouts and silhouette scores
+    embed_viz    t-SNE / PCA layouts, silhouettes, kNN accuracy, radial spokes or clusters
     cam          SALIENCY_METHODS (registry), binarisation, IoU and the trivial baselines
     segmentation geometry, explainers, the val-chosen experiment, its summary
     plots        figures: pure functions, data in, matplotlib Figure out
