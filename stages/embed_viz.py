@@ -37,8 +37,8 @@ def main() -> None:
                          "embedding_dim": v.shape[1],
                          **embed_viz.knn_scores(v, labels, cfg.knn_k),
                          **embed_viz.geometry(v, labels)} for name, v in vectors.items()}
-        subtitles = {name: f"{v.shape[1]}-d, silhouette {scores[name]['silhouette'] or 0:.3f}, "
-                     f"{cfg.knn_k}-NN acc. {scores[name]['knn_accuracy'] or 0:.3f}"
+        subtitles = {name: f"{v.shape[1]}-d, silhouette {_score(scores[name]['silhouette'])}, "
+                     f"{cfg.knn_k}-NN acc. {_score(scores[name]['knn_accuracy'])}"
                      for name, v in vectors.items()}
         timing = {}
         for method, (title, axis) in METHODS.items():
@@ -51,14 +51,15 @@ def main() -> None:
                 f"{embed_viz.before_and_after()}", axis, subtitles), PLOTS / f"{method}.png")
         direct = {name: v for name, v in vectors.items() if v.shape[1] == 2}
         if direct:
-            raw = [name for name in direct if scores[name]["radial_elongation"] is not None]
+            raw = [name for name in direct if not scores[name]["unit_length"]]
             outputs.save_figure(evaluation_plots.embedding_scatter(
                 direct, labels, highlighted, f"{len(labels)} test embeddings plotted directly "
                 + (f"(raw head output: {', '.join(raw)})" if raw else
                    "(L2-normalised: on the unit circle)"), "embedding",
                 {name: subtitles[name] + (f"\n{scores[name]['class_shape']} (elongation "
                                           f"{scores[name]['radial_elongation']:.1f})"
-                                          if name in raw else "") for name in direct}),
+                                          if scores[name]["class_shape"] else "")
+                 for name in direct}),
                 PLOTS / "direct.png")
         summary = {**scores, "points": len(labels), "classes": len(set(labels)),
                    "knn_k": cfg.knn_k,
@@ -68,6 +69,10 @@ def main() -> None:
         run.log_metrics(evaluation.flat_metrics(scores), to_parent=True)
         run.log_metrics(timing)
         run.log_artifact(PLOTS)
+
+
+def _score(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 if __name__ == "__main__":

@@ -168,3 +168,11 @@ def test_raw_two_dimensional_embeddings_are_plotted_around_the_origin():
     assert low == -high and high > 9 and ax.get_ylim() == (low, high)  # not the unit circle
     assert ax.get_aspect() == 1.0 and len(ax.get_xticks()) > 2
     plt.close(figure)
+
+
+def test_geometry_of_a_raw_embedding_with_too_few_points_per_class():
+    raw = np.array([[3.0, 0.1], [2.0, 0.2], [0.1, 4.0], [0.2, 1.0]])
+    found = embed_viz.geometry(raw, np.array(list("aabb")))
+    assert found["unit_length"] is False and found["radial_elongation"] is None
+    assert found["class_shape"] is None
+    assert embed_viz.geometry(metrics.l2_normalize(raw), np.array(list("aabb")))["unit_length"]

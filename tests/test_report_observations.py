@@ -170,10 +170,11 @@ def test_no_claim_when_the_runs_differ_in_more_than_the_parameter():
 
 
 def test_class_shapes_come_from_the_numbers():
-    def embed_viz(**frozen):
+    def embed_viz(loss="cross_entropy", **frozen):
         return Inputs(metrics={"embed_viz": {"baseline": {"radial_elongation": None,
                                                           "silhouette": 0.1},
-                                             "frozen": {"embedding_dim": 2, **frozen}}})
+                                             "frozen": {"embedding_dim": 2, **frozen}}},
+                      params={"train.loss": loss})
 
     (spokes,) = obs.class_shapes(embed_viz(radial_elongation=6.2, silhouette=0.21,
                                            silhouette_cosine=0.64, class_shape="radial spokes"))
@@ -184,6 +185,13 @@ def test_class_shapes_come_from_the_numbers():
     (blobs,) = obs.class_shapes(embed_viz(radial_elongation=1.1, silhouette=0.7,
                                           silhouette_cosine=0.5, class_shape="compact clusters"))
     assert "in compact clusters: each class spreads 1.1×" in blobs and "by position (" in blobs
+    assert "cross entropy" not in blobs and "distance loss" not in blobs  # not this run's cause
+    assert "as cross entropy makes them" in spokes
+    (blobs,) = obs.class_shapes(embed_viz("inbatch_contrastive", radial_elongation=0.9,
+                                          silhouette=0.6, silhouette_cosine=0.5,
+                                          class_shape="compact clusters"))
+    assert blobs.endswith("as a distance loss (inbatch_contrastive) makes them: same-class "
+                          "points are pulled to one place.")
     assert obs.class_shapes(embed_viz()) == []  # unit vectors, or an older metrics file
     assert obs.class_shapes(Inputs()) == []
     (overlap,) = obs.class_shapes(embed_viz(radial_elongation=3.1, silhouette=-0.11,

@@ -135,7 +135,8 @@ def load_model(path: Path, device: torch.device) -> tuple[EmbeddingNet, dict]:
 
 def embed(net: EmbeddingNet, images: list[Image.Image], image_size: int,
           device: torch.device) -> np.ndarray:
-    """L2-normalised embeddings (N, D), preprocessed exactly like the evaluation images."""
+    """The model's embeddings (N, D: L2-normalised unless model.normalize was false),
+    preprocessed exactly like the evaluation images."""
     import torch
 
     from retrieval import runtime, transforms

@@ -119,8 +119,8 @@ def geometry(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float | str |
     the standard deviation of the points along the class's mean direction over that across it
     (per dimension), ``silhouette_cosine`` and ``class_shape`` in words. Cross entropy spreads
     a class along a ray (elongation >> 1, cosine silhouette above the Euclidean one); a
-    distance loss packs it into a blob (about 1). Unit vectors have no radial spread: their
-    elongation and shape are None."""
+    distance loss packs it into a blob (about 1). Unit vectors (``unit_length``) have no radial
+    spread: their elongation and shape are None, as when no class has 3 points."""
     vectors = np.asarray(vectors, dtype=np.float64)
     labels = np.asarray(labels).astype(str)
     norms = np.linalg.norm(vectors, axis=1)
@@ -138,9 +138,11 @@ def geometry(vectors: np.ndarray, labels: np.ndarray) -> dict[str, float | str |
                                     / (vectors.shape[1] - 1))
             elongations.append(along.std() / max(spread_across, 1e-12))
     elongation = float(np.median(elongations)) if elongations else None
+    unit_length = bool(np.allclose(norms, 1, atol=1e-3))
     by_direction = silhouette(vectors, labels, "cosine")
     separated = max(silhouette(vectors, labels) or -1, by_direction or -1) >= SEPARATED_SILHOUETTE
     return {"radial_elongation": elongation, "silhouette_cosine": by_direction,
+            "unit_length": unit_length,
             "class_shape": shape_of_classes(elongation) if separated or elongation is None
             else "overlapping classes"}
 

@@ -2,8 +2,9 @@
 how its embedding is computed) side by side.
 
 Every vector is L2-normalised, so Euclidean distances lie in [0, 2] and rank like cosine
-similarity. Embeddings are computed once per model (``embed_models``) and reused by every
-metric, figure and later stage.
+similarity, except a trained embedding with model.normalize false (the raw head output, compared
+by Euclidean distance). Embeddings are computed once per model (``embed_models``) and reused by
+every metric, figure and later stage.
 
 Pair verification: fixed, seeded, balanced pairs from the val and test splits
 (``evaluation_pairs``); the distance threshold is chosen on the val pairs and applied unchanged to

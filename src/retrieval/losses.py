@@ -290,7 +290,8 @@ class LossSpec:
     # an unlabelled shuffle embedded twice, under two random augmentations)
     sampler: Sampler
     # The network gets a linear classifier on its (un-normalised) head output and the loss sees
-    # its logits; otherwise the loss sees L2-normalised embeddings.
+    # its logits; otherwise the loss sees the embeddings (L2-normalised unless model.normalize
+    # is false).
     needs_classifier: bool = False
     # The loss when every embedding sits at one point, where that is a constant: training
     # raises its collapse alarm when the epoch's mean loss is pinned there.

@@ -8,7 +8,7 @@ Both branches of a pair share one network, so "Siamese" is simply: embed both im
     pool    avg (SPoC), max (MAC) or GeM with a learnable p; -> (B, C)
     head    mlp: C -> hidden -> embedding (BatchNorm/dropout optional); linear: C -> embedding;
             none: the pooled descriptor itself
-    output  L2-normalised (B, D)
+    output  L2-normalised (B, D); the raw head output when model.normalize is false
 
 A new backbone is one ``Backbone`` entry in ``BACKBONES``: how to build the trunk (named stages
 in order), its feature dimension, the stage Grad-CAM explains, its input normalisation and where

@@ -12,7 +12,7 @@ What an epoch is depends on the sampler the loss's ``losses.LOSSES`` entry names
               (NT-Xent); it needs an ``ImageEncoder`` that augments, and validates on two
               views of every val image drawn from a fixed seed
 A loss that needs a classifier sees the logits of a linear classifier on the head output,
-every other loss the L2-normalised embeddings.
+every other loss the embeddings (L2-normalised unless model.normalize is false).
 
 Where the inputs come from is the Encoder's business: ``FrozenEncoder`` trains the head on
 backbone features computed once (train_frozen); ``ImageEncoder`` runs the whole network on

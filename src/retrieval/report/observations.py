@@ -456,6 +456,10 @@ def silhouette_changes(inputs: Inputs) -> list[str]:
             f"to {model})." for model in ("frozen", "unfrozen") if model in scores]
 
 
+# Losses on Euclidean distances, which pull same-class points to one place.
+DISTANCE_LOSSES = ("contrastive", "inbatch_contrastive", "triplet")
+
+
 def class_shapes(inputs: Inputs) -> list[str]:
     """Radial spokes or compact clusters: the shape of the classes of each raw (un-normalised)
     embedding, from the numbers (spread along against across each class's direction, and the
@@ -480,12 +484,17 @@ def class_shapes(inputs: Inputs) -> list[str]:
             by = "by direction more than by position" if cosine > euclidean else "by position"
             silhouettes = (f"; its classes separate {by} (cosine silhouette {fmt(cosine)}, "
                            f"Euclidean {fmt(euclidean)})")
-        why = ("as cross entropy makes them: a logit grows with the length of the embedding, so "
-               "a class is a direction" if shape == "radial spokes" else
-               "as a distance loss makes them: same-class points are pulled to one place")
+        loss = inputs.params.get("train.loss")
+        why = ""  # the usual cause, said only when this run's loss is that cause
+        if shape == "radial spokes" and loss == "cross_entropy":
+            why = (", as cross entropy makes them: a logit grows with the length of the "
+                   "embedding, so a class is a direction")
+        elif shape == "compact clusters" and loss in DISTANCE_LOSSES:
+            why = (f", as a distance loss ({loss}) makes them: same-class points are pulled to "
+                   "one place")
         found.append(f"The {scores.get('embedding_dim')}-d {model} embedding (raw head output) "
                      f"puts its classes in {shape}: each class spreads {elongation:.1f}× more "
-                     f"along its mean direction than across it{silhouettes}, {why}.")
+                     f"along its mean direction than across it{silhouettes}{why}.")
     return found
 
 

@@ -109,7 +109,7 @@ def render_pdf(sections: Sequence[Section], run: RunInfo, path: str | Path) -> N
                     spare = width - sum(least)
                     widths = ([m + spare * n / sum(lengths) for m, n in zip(least, lengths,
                                                                              strict=True)]
-                              if spare > 0 else [width * n / sum(lengths) for n in lengths])
+                              if spare > 0 else [width * m / sum(least) for m in least])
                 table = PdfTable(cells, colWidths=widths, repeatRows=1, hAlign="LEFT")
                 table.setStyle(TableStyle([
                     ("GRID", (0, 0), (-1, -1), 0.4, colors.HexColor("#bbbbbb")),

@@ -217,7 +217,8 @@ def embeddings(inputs: Inputs) -> list[Block]:
     rows = tuple((m, fmt(metrics[m].get("embedding_dim")), fmt(metrics[m].get("silhouette")),
                   fmt(metrics[m].get("silhouette_cosine")), fmt(metrics[m].get("knn_accuracy")),
                   fmt(metrics[m].get("p_at_1")),
-                  metrics[m].get("class_shape") or "unit vectors"
+                  metrics[m].get("class_shape")
+                  or ("unit vectors" if metrics[m].get("unit_length") else "too few points")
                   if "class_shape" in metrics[m] else "")
                  for m in models)
     perplexity = metrics.get("perplexity_used", metrics.get("perplexity"))
