@@ -150,6 +150,20 @@ def _param(value: Any) -> str:
     return str(value)[:6000]
 
 
+def quoted(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter. MLflow has no escape inside a
+    literal, but takes either quote: an experiment name with an apostrophe (``it's``) goes in
+    double quotes. A name with both kinds cannot be written: a one-line UserError names it."""
+    if "'" not in value:
+        return f"'{value}'"
+    if '"' not in value:
+        return f'"{value}"'
+    from retrieval.outputs import UserError
+
+    raise UserError(f"the DVC experiment name {value!r} holds both ' and \": MLflow cannot "
+                    "search for it; rename the experiment (dvc exp run -n NAME)")
+
+
 def _ensure_experiment(mlflow: Any) -> str:
     found = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
     if found is not None:
@@ -164,8 +178,8 @@ def _ensure_experiment(mlflow: Any) -> str:
 def _find_or_create_parent(mlflow: Any, experiment: str, group: str, display: str,
                            tags: dict[str, str], params: dict[str, Any]) -> str:
     client = mlflow.MlflowClient()
-    found = client.search_runs([experiment], filter_string=f"tags.`pipeline.group` = '{group}' "
-                               "and tags.`pipeline.parent` = 'true'", max_results=1)
+    found = client.search_runs([experiment], max_results=1, filter_string=(
+        f"tags.`pipeline.group` = {quoted(group)} and tags.`pipeline.parent` = 'true'"))
     if found:
         return found[0].info.run_id
     run = client.create_run(experiment, run_name=display,
@@ -211,7 +225,7 @@ def pipeline_run_ids(params: dict[str, Any]) -> dict[str, str]:
         return {}
     group, _ = run_group(params)
     runs = _retry(lambda: client.search_runs(
-        experiments, filter_string=f"tags.`pipeline.group` = '{group}'",
+        experiments, filter_string=f"tags.`pipeline.group` = {quoted(group)}",
         order_by=["attributes.start_time ASC"]))
     return {run.data.tags.get("stage", "pipeline"): run.info.run_id for run in runs}
 
@@ -241,7 +255,7 @@ def experiment_durations(dvc_experiment: str) -> dict[str, float]:
     client = mlflow.MlflowClient()
     experiments = [e.experiment_id for e in _retry(client.search_experiments)]
     runs = _retry(lambda: client.search_runs(
-        experiments, filter_string=f"tags.dvc_experiment = '{dvc_experiment}' and "
+        experiments, filter_string=f"tags.dvc_experiment = {quoted(dvc_experiment)} and "
         "attributes.status = 'FINISHED'", order_by=["attributes.start_time ASC"]))
     return run_durations({run.data.tags["stage"]: run.info.run_id for run in runs
                           if "stage" in run.data.tags})
