@@ -55,6 +55,13 @@ def _check_labels(emb: torch.Tensor, labels: torch.Tensor) -> None:
         )
 
 
+def _checked_temperature(temperature: float) -> float:
+    """The softmax temperature of SupCon and NT-Xent, or a ValueError saying what is typical."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, found {temperature}: 0.05 to 0.5 is typical")
+    return temperature
+
+
 def _no_tuples(name: str, tuples: torch.Tensor | None) -> None:
     if tuples is not None:
         raise ValueError(f"{name} uses every pair of the batch, found tuples of shape "
@@ -182,11 +189,7 @@ class SupConLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(
-                f"temperature must be > 0, found {temperature}: 0.05 to 0.5 is typical"
-            )
-        self.temperature = temperature
+        self.temperature = _checked_temperature(temperature)
 
     def forward(self, emb: torch.Tensor, labels: torch.Tensor,
                 tuples: torch.Tensor | None = None) -> torch.Tensor:
@@ -229,11 +232,7 @@ class NTXentLoss(nn.Module):
 
     def __init__(self, temperature: float = 0.1) -> None:
         super().__init__()
-        if temperature <= 0:
-            raise ValueError(
-                f"temperature must be > 0, found {temperature}: 0.05 to 0.5 is typical"
-            )
-        self.temperature = temperature
+        self.temperature = _checked_temperature(temperature)
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor | None = None,
                 tuples: torch.Tensor | None = None) -> torch.Tensor:
