@@ -273,6 +273,23 @@ class GradcamConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """What a stage does when MLFLOW_TRACKING_URI names a server it cannot reach.
+
+    Not a DVC param of any stage: where the runs are logged never changes a result.
+    """
+
+    # fail: stop in one line naming the URI | local: warn once and log to this project's
+    # mlruns/ store instead (the runs can be imported into the server later)
+    unreachable: Literal["fail", "local"] = "fail"
+    timeout_s: float = 5.0  # how long to wait for the server before deciding it is unreachable
+
+    def validate(self, key: str) -> None:
+        _check(0 < self.timeout_s <= 120, f"{key}.timeout_s",
+               f"({self.timeout_s}) must be in (0, 120] seconds")
+
+
+@dataclass(frozen=True)
 class Params:
     seed: int = 42
     lr: float = 3e-4
@@ -289,6 +306,7 @@ class Params:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     embed_viz: EmbedVizConfig = field(default_factory=EmbedVizConfig)
     gradcam_segment: GradcamConfig = field(default_factory=GradcamConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self, key: str = "") -> None:
         _check(0 < self.lr < 10, "lr", f"({self.lr}) must be in (0, 10)")
