@@ -34,12 +34,14 @@ STAGE = "train_unfrozen"
 
 def main() -> None:
     params = config.load_params()
-    # The views sampler (ntxent) needs this stage's augmentation: refused here, not mid-run.
-    losses.check_params(params.train, augment=params.train_unfrozen.augment,
-                        augment_key=f"{STAGE}.augment")
     t, u, size = params.train, params.train_unfrozen, params.data.image_size
     table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
     split = training.TrainingData.from_table(table)
+    # Refused here, not mid-run: the loss's margin, and what its sampler needs (ntxent this
+    # stage's augmentation, the in-batch losses enough classes in the train split).
+    losses.check_params(params.train, augment=u.augment, augment_key=f"{STAGE}.augment",
+                        normalize=params.model.normalize,
+                        train_labels=split.labels[split.train_idx])
     device = runtime.resolve_device(params.device)
     runtime.init_distributed(device)
     torch.manual_seed(params.seed)

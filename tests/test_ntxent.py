@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from pytorch_metric_learning import losses as pml_losses
@@ -228,13 +229,15 @@ STAGES = ("train_frozen", "train_unfrozen")
 
 
 def run_stage_check(stage: str, raw: dict, monkeypatch) -> None:
-    """Run the stage's main() on these params: it must stop at its first check, before any
-    work (load_params is replaced; nothing is read from disk)."""
+    """Run the stage's main() on these params: it must stop at its check, before any work
+    (load_params and the split table are replaced; no model is built, no image decoded)."""
     spec = importlib.util.spec_from_file_location(f"stage_{stage}", REPO / "stages" / f"{stage}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setattr(module.config, "load_params", lambda: params_from_dict(raw))
-    monkeypatch.setattr(module.data, "load_split_table",
+    table = pd.DataFrame({"label": list("abcd") * 10, "split": ["train"] * 40})
+    monkeypatch.setattr(module.data, "load_split_table", lambda *a, **k: table)
+    monkeypatch.setattr(module.runtime, "resolve_device",
                         lambda *a, **k: pytest.fail("the params check came after work started"))
     module.main()
 

@@ -32,6 +32,28 @@ def _check(condition: bool, key: str, message: str) -> None:
         raise ParamsError(f"{key} {message}: change {key} in params.yaml")
 
 
+# Upper bounds on counts and sizes: far above any real use, and low enough that a typo (an extra
+# three zeros) is refused in a second instead of allocating gigabytes or running for days.
+MAX_SEED = 2**31 - 1  # rng.torch_epoch_seed keeps its streams apart below ~2.8e9
+MAX_PAIRS = 10_000_000  # pairs and triplets an epoch: 16 bytes each as int64 indices
+MAX_EVAL_PAIRS = 1_000_000
+MAX_BATCH = 4096
+MAX_HIDDEN_DIM = 16_384
+MAX_EMBEDDING_DIM = 8192
+MAX_CIFAR_N = 200  # ResNet-1202, the deepest in He et al. 2016
+MAX_BOOTSTRAP = 100_000
+# The softmax temperature of supcon / ntxent: below 0.01 the logits of cosine similarities
+# exceed +-100 and bf16 (or fp32 exp) saturates; above 10 every similarity looks alike.
+TEMPERATURE_RANGE = (0.01, 10.0)
+
+
+def _check_range(value: float, low: float, high: float, key: str) -> None:
+    def shown(number: float) -> str:
+        return f"{number:g}" if isinstance(number, float) else str(number)
+
+    _check(low <= value <= high, key, f"({shown(value)}) must be in [{shown(low)}, {shown(high)}]")
+
+
 @dataclass(frozen=True)
 class SyntheticConfig:
     classes: int = 10
@@ -119,9 +141,9 @@ class ModelConfig:
             _check(resolve(self.weights).is_file(), f"{key}.weights",
                    f"('{self.weights}') is neither imagenet, none nor an existing file "
                    f"(looked for {resolve(self.weights)})")
-        _check(self.cifar_n >= 1, f"{key}.cifar_n", "must be >= 1")
-        _check(self.hidden_dim >= 1, f"{key}.hidden_dim", "must be >= 1")
-        _check(self.embedding_dim >= 2, f"{key}.embedding_dim", "must be >= 2")
+        _check_range(self.cifar_n, 1, MAX_CIFAR_N, f"{key}.cifar_n")
+        _check_range(self.hidden_dim, 1, MAX_HIDDEN_DIM, f"{key}.hidden_dim")
+        _check_range(self.embedding_dim, 2, MAX_EMBEDDING_DIM, f"{key}.embedding_dim")
         _check(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")
 
 
@@ -164,19 +186,20 @@ class TrainConfig:
         # The loss name and what its sampler needs are checked against losses.LOSSES by
         # losses.check_params, first thing in the training stages (see GradcamConfig.validate).
         _check(self.margin > 0, f"{key}.margin", f"({self.margin}) must be > 0")
-        _check(self.temperature > 0, f"{key}.temperature", "must be > 0")
-        _check(self.pairs_per_epoch >= 2, f"{key}.pairs_per_epoch", "must be >= 2")
-        _check(self.mining_k >= 1, f"{key}.mining_k", "must be >= 1")
-        _check(self.triplets_per_epoch >= 0, f"{key}.triplets_per_epoch",
-               "must be >= 0 (0: one triplet per train image)")
-        _check(self.batch_size >= 2, f"{key}.batch_size", f"({self.batch_size}) must be >= 2")
-        _check(self.images_per_class >= 2, f"{key}.images_per_class", "must be >= 2")
+        # The largest useful margin depends on the loss and on model.normalize: checked with
+        # the loss (losses.check_params).
+        _check_range(self.temperature, *TEMPERATURE_RANGE, f"{key}.temperature")
+        _check_range(self.pairs_per_epoch, 2, MAX_PAIRS, f"{key}.pairs_per_epoch")
+        _check_range(self.mining_k, 1, 1000, f"{key}.mining_k")
+        _check_range(self.triplets_per_epoch, 0, MAX_PAIRS, f"{key}.triplets_per_epoch")
+        _check_range(self.batch_size, 2, MAX_BATCH, f"{key}.batch_size")
+        _check_range(self.images_per_class, 2, MAX_BATCH, f"{key}.images_per_class")
         _check(self.weight_decay >= 0, f"{key}.weight_decay", "must be >= 0")
         _check(0 <= self.momentum < 1, f"{key}.momentum", "must be in [0, 1)")
         _check(0 < self.lr_factor < 1, f"{key}.lr_factor", "must be in (0, 1)")
         _check(self.lr_patience >= 0, f"{key}.lr_patience", "must be >= 0")
         _check(self.early_stopping_patience >= 1, f"{key}.early_stopping_patience", "must be >= 1")
-        _check(self.val_pairs >= 2, f"{key}.val_pairs", "must be >= 2")
+        _check_range(self.val_pairs, 2, MAX_EVAL_PAIRS, f"{key}.val_pairs")
 
 
 @dataclass(frozen=True)
@@ -223,10 +246,10 @@ class EvaluateConfig:
     examples: int = 6  # queries shown in the example and worst-query figures
 
     def validate(self, key: str) -> None:
-        _check(self.test_pairs >= 2, f"{key}.test_pairs", "must be >= 2")
-        _check(self.val_pairs >= 2, f"{key}.val_pairs", "must be >= 2")
+        _check_range(self.test_pairs, 2, MAX_EVAL_PAIRS, f"{key}.test_pairs")
+        _check_range(self.val_pairs, 2, MAX_EVAL_PAIRS, f"{key}.val_pairs")
         _check(self.max_rank >= 10, f"{key}.max_rank", f"({self.max_rank}) must be >= 10")
-        _check(self.bootstrap >= 0, f"{key}.bootstrap", "must be >= 0")
+        _check_range(self.bootstrap, 0, MAX_BOOTSTRAP, f"{key}.bootstrap")
         _check(1 <= self.examples <= 20, f"{key}.examples",
                f"({self.examples}) must be in [1, 20]")
 
@@ -269,7 +292,7 @@ class GradcamConfig:
         _check(len(self.refine) > 0, f"{key}.refine", "is empty (name at least 'none')")
         _check(self.overlays >= 0, f"{key}.overlays", "must be >= 0")
         _check(self.max_images >= 1, f"{key}.max_images", "must be >= 1")
-        _check(self.batch_size >= 1, f"{key}.batch_size", "must be >= 1")
+        _check_range(self.batch_size, 1, MAX_BATCH, f"{key}.batch_size")
 
 
 @dataclass(frozen=True)
@@ -310,7 +333,7 @@ class Params:
 
     def validate(self, key: str = "") -> None:
         _check(0 < self.lr < 10, "lr", f"({self.lr}) must be in (0, 10)")
-        _check(self.seed >= 0, "seed", f"({self.seed}) must be >= 0")
+        _check_range(self.seed, 0, MAX_SEED, "seed")
         _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
                "device", f"('{self.device}') must be auto, cpu or cuda[:N]")
         for f in dataclasses.fields(self):
@@ -357,6 +380,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
         except ValueError:
             pass
     if hint is float and isinstance(value, int | float) and not isinstance(value, bool):
+        if isinstance(value, int) and abs(value) > 1e300:  # float(10**400) overflows
+            value = math.inf
         if not math.isfinite(value):
             raise ParamsError(f"{key} is {value}, expected a finite number: "
                               f"change {key} in params.yaml")

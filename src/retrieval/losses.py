@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -295,6 +296,11 @@ class LossSpec:
     # The loss when every embedding sits at one point, where that is a constant: training
     # raises its collapse alarm when the epoch's mean loss is pinned there.
     collapsed_value: Callable[[TrainConfig], float] | None = None
+    # The largest train.margin that means something between L2-normalised embeddings: unit
+    # vectors are at most 2 apart, so 2 for a margin on the distance and 4 on the squared
+    # distance. Beyond it the hinge never closes (every negative is pushed for ever). None: the
+    # loss has no margin.
+    max_margin: float | None = None
 
 
 # The order is the order error messages list the names in.
@@ -302,10 +308,11 @@ LOSSES: dict[str, LossSpec] = {
     # Hadsell et al. 2006 on fresh random pairs, half same-class. At collapse (d = 0 for every
     # pair) each negative costs margin^2 / 2 and half the pairs are negatives.
     "contrastive": LossSpec(lambda c: ContrastiveLoss(c.margin), "pairs",
-                            collapsed_value=lambda c: c.margin**2 / 4),
-    "inbatch_contrastive": LossSpec(lambda c: InBatchContrastiveLoss(c.margin), "batches"),
+                            collapsed_value=lambda c: c.margin**2 / 4, max_margin=2.0),
+    "inbatch_contrastive": LossSpec(lambda c: InBatchContrastiveLoss(c.margin), "batches",
+                                    max_margin=4.0),
     # One triplet per anchor; train.negatives chooses mined or random negatives.
-    "triplet": LossSpec(lambda c: TripletLoss(c.margin), "triplets"),
+    "triplet": LossSpec(lambda c: TripletLoss(c.margin), "triplets", max_margin=4.0),
     "supcon": LossSpec(lambda c: SupConLoss(c.temperature), "batches"),
     "cross_entropy": LossSpec(lambda c: CrossEntropyLoss(), "batches", needs_classifier=True),
     # SimCLR: two augmentations of each image, no labels; no collapsed_value (see NTXentLoss).
@@ -321,10 +328,13 @@ def loss_spec(name: str) -> LossSpec:
 
 
 def check_params(cfg: TrainConfig, key: str = "train", augment: AugmentConfig | None = None,
-                 augment_key: str = "augment") -> None:
-    """The loss is registered and the batches fit its sampler, or a ParamsError naming the key
-    (the training stages call this before any work). ``augment``: the calling stage's
-    augmentation (``augment_key`` its params key), which the ``views`` sampler needs.
+                 augment_key: str = "augment", normalize: bool = True,
+                 train_labels: np.ndarray | None = None) -> None:
+    """The loss is registered, its margin means something, and the batches fit its sampler,
+    or a ParamsError naming the key (the training stages call this before any work).
+    ``augment``: the calling stage's augmentation (``augment_key`` its params key), which the
+    ``views`` sampler needs; ``normalize``: model.normalize (bounds the margin);
+    ``train_labels``: the train split's labels, to check that its batches can be formed.
 
     For NT-Xent the frozen stage is *not* switched to its augmented path behind the user's
     back: ``train_frozen.augment.enabled: false`` would then no longer mean what it says, and
@@ -338,29 +348,65 @@ def check_params(cfg: TrainConfig, key: str = "train", augment: AugmentConfig | 
     if cfg.loss not in LOSSES:
         raise ParamsError(f"{key}.loss is '{cfg.loss}', expected one of {list(LOSSES)}: "
                           f"change {key}.loss in params.yaml")
-    sampler = LOSSES[cfg.loss].sampler
-    if sampler == "batches" and cfg.batch_size % cfg.images_per_class:
-        # class_balanced_batches cuts P classes x K images
+    spec = LOSSES[cfg.loss]
+    if normalize and spec.max_margin is not None and cfg.margin > spec.max_margin:
+        raise ParamsError(f"{key}.margin ({cfg.margin:g}) must be <= {spec.max_margin:g} for "
+                          f"{key}.loss '{cfg.loss}' on L2-normalised embeddings (unit vectors are "
+                          "at most 2 apart: a larger margin is never met): change "
+                          f"{key}.margin in params.yaml")
+    if spec.sampler == "batches":
+        _check_class_batches(cfg, key, train_labels)
+    if spec.sampler == "views":
+        _check_view_batches(cfg, key, augment, augment_key, train_labels)
+
+
+def _check_class_batches(cfg: TrainConfig, key: str, train_labels: np.ndarray | None) -> None:
+    """sampling.class_balanced_batches cuts P = batch_size / images_per_class classes x K =
+    images_per_class images; P >= 2 (a negative in every batch) classes of 2+ train images."""
+    from retrieval.config import ParamsError
+
+    if cfg.batch_size % cfg.images_per_class:
         raise ParamsError(f"{key}.batch_size ({cfg.batch_size}) must be a multiple of "
                           f"images_per_class ({cfg.images_per_class}): change {key}.batch_size "
                           "in params.yaml")
-    if sampler == "views":
-        # batch_size / 2 images a step, each twice; an image needs another image as a negative.
-        if cfg.batch_size < 4 or cfg.batch_size % 2:
-            raise ParamsError(f"{key}.batch_size ({cfg.batch_size}) must be even and >= 4 for "
-                              f"{key}.loss '{cfg.loss}' (two views of at least 2 images a "
-                              f"step): change {key}.batch_size in params.yaml")
-        if augment is not None and not augment.enabled:
-            raise ParamsError(f"{augment_key}.enabled is false, but {key}.loss '{cfg.loss}' "
-                              "contrasts two random augmentations of each image (without them "
-                              f"both views are the same): set {augment_key}.enabled: true in "
-                              "params.yaml")
-        if augment is not None and augment.crop_scale_min >= 1 and not augment.flip \
-                and augment.color_jitter == 0:
-            # RandomResizedCrop at scale 1 always falls back to the whole image.
-            raise ParamsError(f"{augment_key} changes no image (crop_scale_min 1, no flip, no "
-                              f"colour jitter), but {key}.loss '{cfg.loss}' needs two different "
-                              f"views: lower {augment_key}.crop_scale_min in params.yaml")
+    per_batch = cfg.batch_size // cfg.images_per_class
+    if per_batch < 2:
+        raise ParamsError(f"{key}.batch_size ({cfg.batch_size}) must hold at least 2 classes "
+                          f"of {key}.images_per_class ({cfg.images_per_class}) images, or no "
+                          f"batch has a negative: raise {key}.batch_size in params.yaml")
+    if train_labels is not None:
+        usable = int((np.unique(train_labels, return_counts=True)[1] >= 2).sum())
+        if usable < per_batch:
+            raise ParamsError(f"{key}.batch_size / images_per_class = {per_batch} classes a "
+                              f"batch, but only {usable} classes of the train split have 2 or "
+                              f"more images: lower {key}.batch_size (or raise "
+                              f"{key}.images_per_class) in params.yaml")
+
+
+def _check_view_batches(cfg: TrainConfig, key: str, augment: AugmentConfig | None,
+                        augment_key: str, train_labels: np.ndarray | None) -> None:
+    from retrieval.config import ParamsError
+
+    # batch_size / 2 images a step, each twice; an image needs another image as a negative.
+    if cfg.batch_size < 4 or cfg.batch_size % 2:
+        raise ParamsError(f"{key}.batch_size ({cfg.batch_size}) must be even and >= 4 for "
+                          f"{key}.loss '{cfg.loss}' (two views of at least 2 images a "
+                          f"step): change {key}.batch_size in params.yaml")
+    if train_labels is not None and len(train_labels) < cfg.batch_size // 2:
+        raise ParamsError(f"{key}.batch_size ({cfg.batch_size}) takes {cfg.batch_size // 2} "
+                          f"images a step, but the train split has {len(train_labels)}: lower "
+                          f"{key}.batch_size in params.yaml")
+    if augment is not None and not augment.enabled:
+        raise ParamsError(f"{augment_key}.enabled is false, but {key}.loss '{cfg.loss}' "
+                          "contrasts two random augmentations of each image (without them "
+                          f"both views are the same): set {augment_key}.enabled: true in "
+                          "params.yaml")
+    if augment is not None and augment.crop_scale_min >= 1 and not augment.flip \
+            and augment.color_jitter == 0:
+        # RandomResizedCrop at scale 1 always falls back to the whole image.
+        raise ParamsError(f"{augment_key} changes no image (crop_scale_min 1, no flip, no "
+                          f"colour jitter), but {key}.loss '{cfg.loss}' needs two different "
+                          f"views: lower {augment_key}.crop_scale_min in params.yaml")
 
 
 def build_loss(cfg: TrainConfig) -> nn.Module:

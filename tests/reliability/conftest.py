@@ -80,7 +80,8 @@ def run_script(script: str | Path, args: list[str] | None = None, cwd: Path | No
         sys.argv = saved_argv
         os.environ.clear()
         os.environ.update(saved_env)
-    return subprocess.CompletedProcess(sys.argv, code, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess([str(script), *(args or [])], code, stdout.getvalue(),
+                                       stderr.getvalue())
 
 
 @pytest.fixture(scope="session")
