@@ -31,6 +31,7 @@ def main() -> None:
                    "images_with_mask": int((result.index["mask_path"] != "").sum()),
                    "missing_masks": result.missing_masks,
                    "mismatched_masks": result.mismatched_masks,
+                   **result.counts,
                    "min_class_size": int(counts.min()), "max_class_size": int(counts.max())}
         outputs.write_json(paths.metrics(STAGE), metrics)
         run.log_metrics(metrics, to_parent=True)

@@ -147,9 +147,9 @@ def test_load_rgb_converts_each_mode(messy_root):
     assert palette[0, 0].tolist() == [255, 0, 0] and palette[0, 31].tolist() == [255, 255, 255]
     rgba = np.asarray(load_rgb(cats / "rgba.png"))
     assert rgba[0, 0].tolist() == [0, 0, 255] and rgba[0, 31].tolist() == [255, 255, 255]
-    # 16-bit 0 / 1000 / 2000 scaled by 255 / peak (2000): 0, 127.5 -> 127 (truncated), 255.
+    # 16-bit 0 / 1000 / 2000 scaled by 255 / peak (2000): 0, 127.5 -> 128 (rounded), 255.
     deep = np.asarray(load_rgb(cats / "deep16.png"))
-    assert [deep[0, 0, 0], deep[0, 8, 0], deep[0, 16, 0]] == [0, 127, 255]
+    assert [deep[0, 0, 0], deep[0, 8, 0], deep[0, 16, 0]] == [0, 128, 255]
     # CMYK (0, 255, 255, 0) is red; JPEG is lossy, so only roughly.
     cmyk = np.asarray(load_rgb(cats / "cmyk.jpg")).reshape(-1, 3).mean(0)
     assert np.abs(cmyk - [255, 0, 0]).max() < 16
@@ -168,8 +168,9 @@ def masked_dataset(tmp_path: Path) -> tuple[Path, Path]:
     root, masks = tmp_path / "images", tmp_path / "masks"
     (root / "moths").mkdir(parents=True)
     (masks / "moths").mkdir(parents=True)
-    for name in ("a.jpg", "b.jpg", "c.jpg", "d[1].jpg"):
-        noise(40, 30).save(root / "moths" / name)
+    # Distinct pixels: identical files in one class would be dropped as duplicates.
+    for seed, name in enumerate(("a.jpg", "b.jpg", "c.jpg", "d[1].jpg")):
+        noise(40, 30, seed).save(root / "moths" / name)
     save_rotated_jpeg(root / "moths" / "e.jpg", 40, 30)  # displayed 30 x 40
     Image.new("L", (40, 30), 255).save(masks / "moths" / "a.png")
     # b.jpg: no mask

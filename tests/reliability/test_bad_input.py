@@ -121,6 +121,8 @@ BAD_FILES = {  # file -> the start of the reason prepare lists it with
     "cats/huge.png": "too many pixels (above Image.MAX_IMAGE_PIXELS)",
     "empty_class/readme.txt": "not an image",
     "empty_class/": "class folder without decodable images",
+    # A mask, not an image: listed, and its image is kept without it.
+    "cats/good 1.png": "mask of cats/good 1.jpg: 7x7 px, the image is 41x36 px",
 }
 
 
@@ -221,10 +223,10 @@ def test_prepare_split_and_decoding_survive_a_messy_folder(repo, tmp_path):
 # --- dataset shapes that cannot work: one line, exit 2, nothing written ---------------------------
 
 def two_classes(root: Path, sizes=(5, 5)) -> Path:
-    for label, n in zip(("a", "b"), sizes, strict=False):
+    for k, (label, n) in enumerate(zip(("a", "b"), sizes, strict=False)):
         (root / label).mkdir(parents=True)
-        for i in range(n):
-            noise(20, 20, i).save(root / label / f"{i}.jpg")
+        for i in range(n):  # distinct pixels: one image under both labels would be excluded
+            noise(20, 20, 100 * k + i).save(root / label / f"{i}.jpg")
     return root
 
 
