@@ -463,10 +463,13 @@ def check_checkpoint(checkpoint: Any, path: Path) -> ModelConfig:
         raise CheckpointError(f"{path} is not a checkpoint written by this project (no "
                               "model_config)")
     state = checkpoint.get("state_dict")
-    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
-                                              for k, v in state.items()):
+    if not isinstance(state, dict):
         raise CheckpointError(f"{path}: state_dict must map parameter names to tensors, found "
                               f"{type(state).__name__}: {RECREATE}")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: state_dict must map parameter names to tensors, "
+                                  f"found {name!r}: {type(value).__name__}: {RECREATE}")
     model = checkpoint_model_config(checkpoint["model_config"], path)
     for key, (valid, expected) in METADATA.items():
         if key in checkpoint and not valid(checkpoint[key]):
