@@ -44,11 +44,9 @@ def main() -> None:
     table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
     pairs = evaluation.evaluation_pairs(table, cfg.val_pairs, cfg.test_pairs, params.seed)
     queries, gallery = evaluation.query_gallery(table, cfg.gallery)
-    nets = {name: models.load_model(path) for name, path in CHECKPOINTS.items()}
-    for name, (_, checkpoint) in nets.items():
-        if checkpoint.get("image_size", size) != size:
-            raise outputs.UserError(f"{CHECKPOINTS[name]} was trained at image_size "
-                                    f"{checkpoint['image_size']}, params say {size}: re-run it")
+    # Scored under these params only if the checkpoints are the models they describe.
+    nets = {name: models.load_model(path, expected=params.model, image_size=size, writer=name)
+            for name, path in CHECKPOINTS.items()}
     with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             config.flatten(config.to_dict(params))) as run:
         started = time.perf_counter()

@@ -28,7 +28,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from retrieval import cache, cam, compared, config, data, models, outputs, paths, runtime, tracking
-from retrieval.outputs import UserError
 from retrieval.plots import segmentation as figures
 from retrieval.segmentation import experiment, explainers, geometry, refine, summary
 
@@ -46,12 +45,9 @@ def main() -> None:
     device = runtime.resolve_device(params.device)
     nets, classes = {}, {}
     for stage in compared.checkpoints():
-        net, checkpoint = models.load_model(paths.checkpoint(stage))
+        net, checkpoint = models.load_model(paths.checkpoint(stage), expected=params.model,
+                                            image_size=size, writer=stage)
         classes[stage] = checkpoint.get("classes", [])
-        if checkpoint.get("image_size", size) != size:
-            raise UserError(f"{paths.checkpoint(stage)} was trained at "
-                            f"{checkpoint['image_size']} px but data.image_size is {size}: "
-                            "run `dvc repro` to retrain")
         nets[stage] = net.to(device)
     explained = [explainers.backbone_explainer(model.name, nets[model.checkpoint])
                  if model.view == "backbone" else

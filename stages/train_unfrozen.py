@@ -46,7 +46,9 @@ def main() -> None:
     runtime.init_distributed(device)
     torch.manual_seed(params.seed)
     if u.init == "frozen":
-        net, _ = models.load_model(paths.checkpoint("train_frozen"))
+        # The very model params.yaml describes (and MLflow logs), or a refusal before training.
+        net, _ = models.load_model(paths.checkpoint("train_frozen"), expected=params.model,
+                                   image_size=size, writer="train_frozen")
     else:
         net = models.EmbeddingNet(params.model,
                                   training.classifier_classes(t, split))

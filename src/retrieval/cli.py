@@ -9,8 +9,11 @@
                       [--method gradcam] [--binarize otsu]
         a mask per image from the model's saliency, with the library in retrieval.segmentation
 
-Run from the repository root (the default paths are relative to it). A missing file, a file that
-is not an image or an unreadable model file ends with a one-line error and exit code 2.
+Run from the repository root (the default paths are relative to it). Every argument is checked
+before any work (``check_compare``, ``check_search``, ``check_segment``): a missing file, a
+folder where a file belongs or the reverse, a figure extension matplotlib cannot write, a number
+out of range, a file that is not an image or an unreadable model file ends with a one-line error
+and exit code 2, and nothing is written.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import glob
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,6 +45,23 @@ DEFAULT_MODEL = paths.checkpoint("train_unfrozen")
 DEFAULT_INDEX = paths.GALLERY_INDEX  # gallery.csv and gallery.json lie next to it
 RESULTS_PER_ROW = 8
 SHOWN_SIDE = 256  # px: images in the figures are shown at most this big
+# What --output may end in: formats matplotlib writes with the Agg backend and Pillow, no LaTeX
+# (pgf) and no raw buffers (rgba) that no viewer opens.
+FIGURE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg", "svgz", "eps", "ps", "tif", "tiff", "webp")
+IMAGE_SIZES = (16, 1024)  # --image-size: data.image_size's range (models.IMAGE_SIZES)
+DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+class UsageError(UserError):
+    """A command-line argument argparse refused (unknown option, not a number, ...)."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and exit code 2 like every other bad input
+    (argparse would print the whole usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message} (see `{self.prog} --help`)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,7 +81,7 @@ def run(argv: list[str]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="retrieval", description="Image similarity and retrieval with the trained model.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -98,6 +119,112 @@ def _common(parser: argparse.ArgumentParser, figure: str) -> None:
                         help="open the figure in a window instead of saving it")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default; one image needs no GPU), auto or cuda[:N]")
+
+
+# --------------------------------------------------------------------------- argument checks
+# Run before anything is loaded or written, so a bad argument costs nothing and leaves nothing.
+
+
+def check_input_file(path: Path, what: str) -> None:
+    if path.is_dir():
+        raise UserError(f"{what} {path} is not a file but a folder: give a file")
+    if not path.is_file():
+        raise UserError(f"{what} {path} does not exist")
+
+
+def check_input_folder(path: Path, what: str) -> None:
+    if not path.is_dir():
+        state = "is not a folder but a file" if path.exists() else "does not exist"
+        raise UserError(f"{what} {path} {state}: give a folder")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest of ``path``'s parents that exists (the current folder at worst)."""
+    for parent in path.absolute().parents:
+        if parent.exists():
+            return parent
+    return Path.cwd()
+
+
+def check_figure_output(path: Path, inputs: tuple[Path, ...]) -> None:
+    """--output: a new or existing figure file of a format matplotlib writes, not an input."""
+    if path.is_dir():
+        raise UserError(f"--output {path} is an existing folder: give a figure file name, "
+                        f"e.g. {path / 'figure.png'}")
+    if path.suffix[1:].lower() not in FIGURE_FORMATS:
+        found = f"'{path.suffix}'" if path.suffix else "no extension"
+        raise UserError(f"--output {path} has {found}: end it in one of "
+                        f"{', '.join('.' + f for f in FIGURE_FORMATS)}")
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise UserError(f"--output {path} cannot be created: {ancestor} is a file, not a "
+                        "folder")
+    for given in inputs:
+        if path.exists() and given.exists() and path.samefile(given):
+            raise UserError(f"--output {path} is one of the inputs: it would be overwritten by "
+                            "the figure; give another file name")
+
+
+def check_device(name: str) -> None:
+    if DEVICE.fullmatch(name) is None:
+        raise UserError(f"--device is '{name}': give auto, cpu or cuda[:N]")
+
+
+def check_compare(args: argparse.Namespace) -> None:
+    check_input_file(args.image_a, "image file")
+    check_input_file(args.image_b, "image file")
+    check_input_file(args.model, "--model file")
+    check_device(args.device)
+    check_figure_output(args.output, (args.image_a, args.image_b, args.model))
+
+
+def check_search(args: argparse.Namespace) -> None:
+    if args.k < 1:
+        raise UserError(f"--k must be >= 1, found {args.k}")
+    check_input_file(args.image, "image file")
+    check_input_file(args.model, "--model file")
+    if args.index.is_dir():
+        raise UserError(f"--index {args.index} is a folder: give the .faiss file that "
+                        f"`dvc repro evaluate` saves (default {DEFAULT_INDEX})")
+    check_device(args.device)
+    check_figure_output(args.output, (args.image, args.model, args.index,
+                                      args.index.with_suffix(".csv")))
+
+
+def check_segment(args: argparse.Namespace) -> None:
+    """Paths, numbers and the --binarize/--refine grammar of `retrieval segment`."""
+    from retrieval import cam
+    from retrieval.segmentation import refine
+
+    check_input_folder(args.images, "images folder")
+    if args.masks is not None:
+        check_input_folder(args.masks, "masks folder")
+    out = args.out
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is an existing file: give a folder for the masks (it is "
+                        "created if missing)")
+    if not _existing_ancestor(out).is_dir():
+        raise UserError(f"--out {out} cannot be created: {_existing_ancestor(out)} is a file, "
+                        "not a folder")
+    for other in (args.images, args.masks):
+        if other is not None and out.resolve().is_relative_to(other.resolve()):
+            raise UserError(f"--out {out} lies inside {other}: write the masks elsewhere")
+    if args.model is not None:
+        check_input_file(args.model, "--model file")
+    if args.prototypes is not None:
+        check_input_file(args.prototypes, "prototypes file")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.image_size is not None and not IMAGE_SIZES[0] <= args.image_size <= IMAGE_SIZES[1]:
+        raise UserError(f"--image-size must be in [{IMAGE_SIZES[0]}, {IMAGE_SIZES[1]}] px, got "
+                        f"{args.image_size}")
+    check_device(args.device)
+    if args.binarize is not None:
+        _parsed(cam.parse_binarization, "binarisation", args.binarize, "--binarize",
+                args.binarize, "--binarize")
+    if args.refine is not None:
+        _parsed(refine.parse_refinement, "refinement", args.refine, "--refine", args.refine,
+                "--refine")
 
 
 # --------------------------------------------------------------------------- shared steps
@@ -194,6 +321,7 @@ def compare_command(args: argparse.Namespace) -> None:
     from retrieval import runtime
     from retrieval.plots import evaluation as evaluation_plots
 
+    check_compare(args)
     device = runtime.resolve_device(args.device)
     images = [load_image(args.image_a), load_image(args.image_b)]
     net, checkpoint = load_model(args.model, device)
@@ -222,8 +350,7 @@ def compare_command(args: argparse.Namespace) -> None:
 
 
 def search_command(args: argparse.Namespace) -> None:
-    if args.k < 1:
-        raise UserError(f"--k must be >= 1, found {args.k}")
+    check_search(args)
     from retrieval import runtime, search
     from retrieval.plots import evaluation as evaluation_plots
 
@@ -313,7 +440,7 @@ def segment_parser() -> argparse.ArgumentParser:
     from retrieval import cam
     from retrieval.segmentation import refine
 
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="retrieval segment",
         description="Segment the object of every image in a folder from a trained model's "
                     "saliency (no segmentation training). Writes one PNG mask per image "
@@ -363,22 +490,10 @@ def segment_folder(args: argparse.Namespace) -> pd.DataFrame:
     from retrieval import cam, runtime, transforms
     from retrieval.segmentation import experiment, explainers, geometry, refine
 
+    check_segment(args)
     images_dir, out = args.images, args.out
-    if not images_dir.is_dir():
-        raise UserError(f"images folder {images_dir} does not exist or is not a folder: give "
-                        "a folder of images")
-    if args.masks is not None and not args.masks.is_dir():
-        raise UserError(f"masks folder {args.masks} does not exist: give the folder of "
-                        "ground-truth masks, or leave --masks out")
-    for other in (images_dir, args.masks):
-        if other is not None and out.resolve().is_relative_to(other.resolve()):
-            raise UserError(f"--out {out} lies inside {other}: write the masks elsewhere")
-    if args.batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
     model_file = args.model or DEFAULT_MODEL
     explainer_file = args.prototypes or (DEFAULT_PROTOTYPES if args.model is None else None)
-    if args.prototypes is not None and not args.prototypes.is_file():
-        raise UserError(f"prototypes file {args.prototypes} does not exist")
     explainer, checkpoint, chosen = explainers.load_explainer(model_file, explainer_file)
     image_size = args.image_size or checkpoint.get("image_size")
     if not image_size:

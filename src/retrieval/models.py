@@ -22,16 +22,20 @@ backbone is constant, so train_frozen can cache it once.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from retrieval.config import ModelConfig
+from retrieval.config import ModelConfig, ParamsError
+from retrieval.config import _build as build_config
 from retrieval.outputs import UserError
 from retrieval.transforms import NORMALIZATIONS, Normalization
 from retrieval.workspace import resolve
@@ -243,6 +247,9 @@ def load_state_file(network: nn.Module, path: Path, name: str, ignore: tuple[str
 class EmbeddingNet(nn.Module):
     def __init__(self, config: ModelConfig, num_classes: int = 0):
         super().__init__()
+        too_large = size_problem(config)
+        if too_large:  # before any layer is allocated
+            raise UserError(f"model.{too_large}: change it in params.yaml")
         self.config = config
         self.spec = backbone(config.backbone)
         self.frozen_batchnorm = False  # set_trunk_trainable(..., batchnorm="frozen")
@@ -367,6 +374,9 @@ def save_checkpoint(path: str | Path, model: EmbeddingNet, extra: dict) -> None:
 def load_checkpoint_file(path: str | Path) -> dict:
     """torch.load with weights_only=True: a file holding pickled code objects is refused."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"model file {path} is a folder: give a checkpoint file (.pt), e.g. "
+                        "models/train_unfrozen/best.pt")
     if not path.is_file():
         raise UserError(f"model file {path} does not exist: run `dvc repro` first or pass --model")
     try:
@@ -376,15 +386,134 @@ def load_checkpoint_file(path: str | Path) -> dict:
         raise UserError(f"refusing to load {path}: not a plain weights file ({first})") from error
 
 
-def load_model(path: str | Path) -> tuple[EmbeddingNet, dict]:
-    checkpoint = load_checkpoint_file(path)
-    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
-        raise UserError(f"{path} is not a checkpoint written by this project (no model_config)")
-    config = ModelConfig(**{**checkpoint["model_config"], "weights": "none"})
-    model = EmbeddingNet(config, checkpoint.get("num_classes", 0))
+class CheckpointError(UserError):
+    """A checkpoint's metadata is missing, of the wrong type or out of range, or it holds
+    another model than the stage reading it expects."""
+
+
+# Upper bounds no trained model of this project comes near: a corrupted or hand-edited
+# checkpoint (embedding_dim 10**9) would otherwise make EmbeddingNet allocate gigabytes before
+# load_state_dict could notice that the tensors do not fit.
+MAX_DIM = 8192  # model.hidden_dim, model.embedding_dim
+MAX_CIFAR_N = 200  # model.cifar_n: 1202 layers, the deepest of He et al. (2016)
+MAX_CLASSES = 10_000  # num_classes: the cross-entropy classifier's outputs
+IMAGE_SIZES = (16, 1024)  # data.image_size's range in params.yaml (config.DataConfig)
+
+RECREATE = "re-create it with `dvc repro` or pass another checkpoint"
+
+
+def size_problem(model: ModelConfig) -> str | None:
+    """``<key> (<value>) must be <= <limit>`` for a network too large to build, else None."""
+    for name, limit in (("hidden_dim", MAX_DIM), ("embedding_dim", MAX_DIM),
+                        ("cifar_n", MAX_CIFAR_N)):
+        value = getattr(model, name)
+        if value > limit:
+            return f"{name} ({value}) must be <= {limit}"
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_distance(value: Any) -> bool:
+    return (isinstance(value, int | float) and not isinstance(value, bool)
+            and math.isfinite(value) and value >= 0)
+
+
+# Metadata the training stages store beside the weights (training._write_best): each optional,
+# but when present of this type and range, since the commands and stages use them as they are.
+METADATA: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "num_classes": (lambda v: _is_int(v) and 0 <= v <= MAX_CLASSES,
+                    f"an integer in [0, {MAX_CLASSES}]"),
+    "image_size": (lambda v: _is_int(v) and IMAGE_SIZES[0] <= v <= IMAGE_SIZES[1],
+                   f"an integer in [{IMAGE_SIZES[0]}, {IMAGE_SIZES[1]}] (data.image_size's "
+                   "range)"),
+    "threshold": (_is_distance, "a finite distance >= 0"),
+    "epoch": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "stage": (lambda v: isinstance(v, str), "a stage name"),
+    "classes": (lambda v: isinstance(v, list | tuple) and all(isinstance(c, str) for c in v),
+                "a list of class names"),
+    "metrics": (lambda v: isinstance(v, dict), "a mapping of metric names to values"),
+}
+
+
+def checkpoint_model_config(raw: Any, path: Path) -> ModelConfig:
+    """The checkpoint's model_config through params.yaml's own typed, range-checked builder."""
+    # The weights' origin does not matter here: the checkpoint's tensors replace them.
+    raw = {**raw, "weights": "none"} if isinstance(raw, dict) else raw
     try:
-        model.load_state_dict(checkpoint["state_dict"])
+        model = build_config(ModelConfig, raw, "model_config")
+        model.validate("model_config")
+    except ParamsError as error:
+        # Its messages end in advice for params.yaml; this key lives in the file instead.
+        message = re.sub(r": change \S+ in params\.yaml$", "", str(error))
+        raise CheckpointError(f"{path}: {message.replace(' in params.yaml', '')}: "
+                              f"{RECREATE}") from None
+    if model.backbone not in BACKBONES:
+        raise CheckpointError(f"{path}: model_config.backbone ('{model.backbone}') is not one of "
+                              f"{sorted(BACKBONES)}: {RECREATE}")
+    return model
+
+
+def check_checkpoint(checkpoint: Any, path: Path) -> ModelConfig:
+    """Everything ``load_model`` needs from a loaded checkpoint, checked before any tensor of
+    the network is allocated; returns its model config."""
+    if not isinstance(checkpoint, dict) or "model_config" not in checkpoint:
+        raise CheckpointError(f"{path} is not a checkpoint written by this project (no "
+                              "model_config)")
+    state = checkpoint.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: state_dict must map parameter names to tensors, found "
+                              f"{type(state).__name__}: {RECREATE}")
+    for name, value in state.items():
+        if not isinstance(name, str) or not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"{path}: state_dict must map parameter names to tensors, "
+                                  f"found {name!r}: {type(value).__name__}: {RECREATE}")
+    model = checkpoint_model_config(checkpoint["model_config"], path)
+    for key, (valid, expected) in METADATA.items():
+        if key in checkpoint and not valid(checkpoint[key]):
+            raise CheckpointError(f"{path}: {key} is {checkpoint[key]!r}, expected {expected}: "
+                                  f"{RECREATE}")
+    too_large = size_problem(model)
+    if too_large:
+        raise CheckpointError(f"{path}: model_config.{too_large}: {RECREATE}")
+    return model
+
+
+def architecture_differences(stored: ModelConfig, expected: ModelConfig) -> list[str]:
+    """``model.<key>: <stored> vs <expected>`` for every key in which the two differ, except
+    weights (where the initial weights came from; the checkpoint's tensors replace them)."""
+    return [f"model.{f.name}: {getattr(stored, f.name)!r} vs {getattr(expected, f.name)!r}"
+            for f in dataclasses.fields(ModelConfig)
+            if f.name != "weights" and getattr(stored, f.name) != getattr(expected, f.name)]
+
+
+def load_model(path: str | Path, expected: ModelConfig | None = None,
+               image_size: int | None = None, writer: str | None = None
+               ) -> tuple[EmbeddingNet, dict]:
+    """The network of a checkpoint, its metadata validated first (``check_checkpoint``).
+
+    A stage passes what params.yaml says the model is (``expected``, ``image_size``) and the
+    stage that writes the file (``writer``): a checkpoint of another architecture or size is
+    refused, naming the keys that differ, instead of being trained or scored under params
+    that describe something else.
+    """
+    path = Path(path)
+    checkpoint = load_checkpoint_file(path)
+    model = check_checkpoint(checkpoint, path)
+    rerun = f"re-run {writer} (`dvc repro {writer}`)" if writer else RECREATE
+    differences = architecture_differences(model, expected) if expected is not None else []
+    stored_size = checkpoint.get("image_size", image_size)
+    if image_size is not None and stored_size != image_size:
+        differences.append(f"data.image_size: {stored_size} vs {image_size}")
+    if differences:
+        raise CheckpointError(f"{path} holds another model than params.yaml describes "
+                              f"({'; '.join(differences)}; checkpoint vs params.yaml): {rerun}")
+    net = EmbeddingNet(model, checkpoint.get("num_classes", 0))
+    try:
+        net.load_state_dict(checkpoint["state_dict"])
     except RuntimeError as error:
-        raise UserError(f"{path} does not match its own model config: "
+        raise CheckpointError(f"{path} does not match its own model config: "
                         f"{str(error).splitlines()[0]}") from error
-    return model.eval(), checkpoint
+    return net.eval(), checkpoint
