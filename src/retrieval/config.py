@@ -38,8 +38,7 @@ MAX_SEED = 2**31 - 1  # rng.torch_epoch_seed keeps its streams apart below ~2.8e
 MAX_PAIRS = 10_000_000  # pairs and triplets an epoch: 16 bytes each as int64 indices
 MAX_EVAL_PAIRS = 100_000  # evaluate holds ~33 KB a test pair (4.7 GB RSS at 10**5)
 MAX_BATCH = 4096
-MAX_HIDDEN_DIM = 16_384
-MAX_EMBEDDING_DIM = 8192
+MAX_DIM = 8192  # model.hidden_dim and model.embedding_dim
 MAX_CIFAR_N = 200  # ResNet-1202, the deepest in He et al. 2016
 MAX_BOOTSTRAP = 100_000
 # The softmax temperature of supcon / ntxent: below 0.01 the logits of cosine similarities
@@ -142,8 +141,8 @@ class ModelConfig:
                    f"('{self.weights}') is neither imagenet, none nor an existing file "
                    f"(looked for {resolve(self.weights)})")
         _check_range(self.cifar_n, 1, MAX_CIFAR_N, f"{key}.cifar_n")
-        _check_range(self.hidden_dim, 1, MAX_HIDDEN_DIM, f"{key}.hidden_dim")
-        _check_range(self.embedding_dim, 2, MAX_EMBEDDING_DIM, f"{key}.embedding_dim")
+        _check_range(self.hidden_dim, 1, MAX_DIM, f"{key}.hidden_dim")
+        _check_range(self.embedding_dim, 2, MAX_DIM, f"{key}.embedding_dim")
         _check(0 <= self.dropout < 1, f"{key}.dropout", "must be in [0, 1)")
 
 

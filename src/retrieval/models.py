@@ -247,9 +247,6 @@ def load_state_file(network: nn.Module, path: Path, name: str, ignore: tuple[str
 class EmbeddingNet(nn.Module):
     def __init__(self, config: ModelConfig, num_classes: int = 0):
         super().__init__()
-        too_large = size_problem(config)
-        if too_large:  # before any layer is allocated
-            raise UserError(f"model.{too_large}: change it in params.yaml")
         self.config = config
         self.spec = backbone(config.backbone)
         self.frozen_batchnorm = False  # set_trunk_trainable(..., batchnorm="frozen")
@@ -391,25 +388,12 @@ class CheckpointError(UserError):
     another model than the stage reading it expects."""
 
 
-# Upper bounds no trained model of this project comes near: a corrupted or hand-edited
-# checkpoint (embedding_dim 10**9) would otherwise make EmbeddingNet allocate gigabytes before
-# load_state_dict could notice that the tensors do not fit.
-MAX_DIM = 8192  # model.hidden_dim, model.embedding_dim
-MAX_CIFAR_N = 200  # model.cifar_n: 1202 layers, the deepest of He et al. (2016)
+# The model_config's sizes are bounded by ModelConfig.validate (config.MAX_DIM, ...): a corrupted
+# or hand-edited checkpoint (embedding_dim 10**9) is refused before EmbeddingNet allocates.
 MAX_CLASSES = 10_000  # num_classes: the cross-entropy classifier's outputs
 IMAGE_SIZES = (16, 1024)  # data.image_size's range in params.yaml (config.DataConfig)
 
 RECREATE = "re-create it with `dvc repro` or pass another checkpoint"
-
-
-def size_problem(model: ModelConfig) -> str | None:
-    """``<key> (<value>) must be <= <limit>`` for a network too large to build, else None."""
-    for name, limit in (("hidden_dim", MAX_DIM), ("embedding_dim", MAX_DIM),
-                        ("cifar_n", MAX_CIFAR_N)):
-        value = getattr(model, name)
-        if value > limit:
-            return f"{name} ({value}) must be <= {limit}"
-    return None
 
 
 def _is_int(value: Any) -> bool:
@@ -475,9 +459,6 @@ def check_checkpoint(checkpoint: Any, path: Path) -> ModelConfig:
         if key in checkpoint and not valid(checkpoint[key]):
             raise CheckpointError(f"{path}: {key} is {checkpoint[key]!r}, expected {expected}: "
                                   f"{RECREATE}")
-    too_large = size_problem(model)
-    if too_large:
-        raise CheckpointError(f"{path}: model_config.{too_large}: {RECREATE}")
     return model
 
 

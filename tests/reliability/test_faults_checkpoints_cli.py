@@ -82,13 +82,14 @@ BAD_CHECKPOINTS = [
     pytest.param(set_config(projection=64), "unknown key 'model_config.projection'",
                  id="unknown-config-key"),
     pytest.param(set_config(embedding_dim=10**9),
-                 "model_config.embedding_dim (1000000000) must be <= 8192",
+                 "model_config.embedding_dim (1000000000) must be in [2, 8192]",
                  id="embedding-dim-1e9"),
-    pytest.param(set_config(hidden_dim=10**7), "model_config.hidden_dim (10000000) must be <= 8192",
+    pytest.param(set_config(hidden_dim=10**7),
+                 "model_config.hidden_dim (10000000) must be in [1, 8192]",
                  id="hidden-dim-1e7"),
-    pytest.param(set_config(cifar_n=10**6), "model_config.cifar_n (1000000) must be <= 200",
+    pytest.param(set_config(cifar_n=10**6), "model_config.cifar_n (1000000) must be in [1, 200]",
                  id="cifar-n-1e6"),
-    pytest.param(set_config(embedding_dim=1), "model_config.embedding_dim must be >= 2",
+    pytest.param(set_config(embedding_dim=1), "model_config.embedding_dim (1) must be in [2, 8192]",
                  id="embedding-dim-1"),
     pytest.param(set_config(hidden_dim="8"), "model_config.hidden_dim must be an integer",
                  id="hidden-dim-string"),
@@ -186,10 +187,11 @@ def test_only_the_weights_origin_may_differ_from_params(workspace):
 
 
 def test_params_cannot_ask_for_a_network_too_large_to_build():
-    with pytest.raises(models.UserError, match=r"model.embedding_dim \(1000000000\) must be <= "
-                       "8192: change it in params.yaml"):
-        models.EmbeddingNet(ModelConfig(weights="none", backbone="cifar_resnet",
-                                        embedding_dim=10**9))
+    from retrieval.config import ParamsError, params_from_dict
+
+    with pytest.raises(ParamsError, match=r"model.embedding_dim \(1000000000\) must be in "
+                       r"\[2, 8192\]: change model.embedding_dim in params.yaml"):
+        params_from_dict({"model": {"embedding_dim": 10**9}})
 
 
 # --- CLI arguments ------------------------------------------------------------------------------
