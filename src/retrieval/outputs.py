@@ -148,6 +148,8 @@ def run_main(main: Callable[[], None]) -> None:
     # A shell that starts a job in the background without job control makes it ignore SIGINT,
     # and that is inherited through `dvc repro`: restore it so Ctrl-C always stops cleanly.
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    from retrieval import lifeline  # SIGTERM, or the death of the dvc running us, acts as Ctrl-C
+    lifeline.watch()
     # Stages and commands draw into files: no GUI backend (`retrieval ... --show` switches).
     os.environ.setdefault("MPLBACKEND", "Agg")
     try:
