@@ -143,10 +143,13 @@ class _StoreWatch:
                 f"{self.file}: the MLflow store vanished (deleted or replaced) while stage "
                 f"{stage} ran, and its runs with it; its outputs are written: re-run the stage "
                 "to log it to a new store")
-        text = str(error or "").lower()
-        if any(sign in text for sign in ("readonly database", "unable to open database",
-                                         "disk i/o error", "database or disk is full")):
-            first = str(error).strip().splitlines()[0][:160]
+        signs = ("readonly database", "unable to open database", "disk i/o error",
+                 "database or disk is full")
+        # SQLAlchemy's message opens with its own notes: quote the line SQLite wrote.
+        lines = [line for line in str(error or "").splitlines()
+                 if any(sign in line.lower() for sign in signs)]
+        if lines:
+            first = lines[0].strip()[:160]
             return StorageError(
                 f"{self.file}: the MLflow store refused a write during stage {stage} ({first}); "
                 f"make {self.file.parent} writable (or free space there) and re-run")

@@ -259,7 +259,8 @@ STORE_FAULTS = {
     "db-deleted": (_delete_db, "vanished"),
     "folder-deleted": (_delete_folder, "vanished"),
     "db-replaced": (_replace_db, "vanished"),
-    "disk-full": (_full, "refused a write"),
+    "disk-full": (_full, "refused a write during stage split "
+                  "((sqlite3.OperationalError) database or disk is full)"),
 }
 
 
