@@ -1,6 +1,7 @@
 """The decoded-image cache: built once, content-addressed, identical to the PIL evaluation path."""
 
 import json
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,9 @@ def test_build_decodes_into_one_uint8_file(images, tmp_path):
     assert cache.batch([0]).dtype == torch.uint8
     assert (directory / f"images-{key}.u8").stat().st_size == 5 * 3 * SIDE * SIDE
     meta = json.loads((directory / f"images-{key}.json").read_text())
-    assert meta == {"images": 5, "shape": [5, 3, SIDE, SIDE], "image_size": IMAGE_SIZE}
+    data = (directory / f"images-{key}.u8").read_bytes()
+    assert meta == {"images": 5, "shape": [5, 3, SIDE, SIDE], "image_size": IMAGE_SIZE,
+                    "bytes": len(data), "crc32": zlib.crc32(data)}  # verified on every open
 
 
 def test_batch_keeps_the_order_asked_for(images, tmp_path):

@@ -8,7 +8,7 @@ from retrieval import tracking
 from retrieval.outputs import UserError
 
 
-@pytest.mark.parametrize("name", ["plain", "it's", 'say "hi"'])
+@pytest.mark.parametrize("name", ["plain", "it's", 'say "hi"', "back\\slash", "100%_x"])
 def test_an_experiment_name_with_quotes_finds_its_own_runs(name, tmp_path, monkeypatch):
     # An apostrophe went unescaped into the filter and crashed every stage.
     monkeypatch.chdir(tmp_path)
@@ -31,3 +31,5 @@ def test_a_name_with_both_quotes_is_refused_in_one_line():
     assert tracking.quoted("it's") == '"it\'s"' and tracking.quoted("a") == "'a'"
     with pytest.raises(UserError, match="holds both ' and \""):
         tracking.quoted("it's \"x\"")
+    with pytest.raises(UserError, match="ends with a backslash"):
+        tracking.quoted("trailing\\")

@@ -5,10 +5,16 @@ Every file is written to a temporary sibling and renamed into place (rename is a
 ``write_json``, ``write_csv``, ``write_text`` and ``save_figure`` are built on it. Also here:
 ``markdown_table`` (the Markdown every output file uses) and ``file_digest`` (what ties an
 output to the file it was computed from).
+
+Faults of the environment (a full disk, a read-only or vanished folder) surface as a
+``StorageError`` naming the path: ``atomic_path`` turns the OSError under any writer's exception
+into one (torch and numpy wrap it in their own errors, without the path), and ``preflight``
+refuses a stage whose declared outputs cannot be written before it changes anything.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -18,7 +24,7 @@ import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -29,18 +35,79 @@ class UserError(ValueError):
     """Bad input from the user (params, data, a path): reported in one line, exit code 2."""
 
 
+class StorageError(UserError):
+    """The environment refused a write: disk full, quota, read-only or vanished folder."""
+
+
+# errno -> (what happened, what to do): the faults a user fixes outside the project.
+_STORAGE_FAULTS = {
+    errno.ENOSPC: ("no space left on device", "free space there (or move the project) and "
+                   "re-run"),
+    errno.EDQUOT: ("disk quota exceeded", "free space within your quota and re-run"),
+    errno.EROFS: ("read-only file system", "remount it read-write or run from a writable "
+                  "copy, then re-run"),
+    errno.EACCES: ("permission denied", "make it writable for this user and re-run"),
+    errno.EPERM: ("operation not permitted", "make it writable for this user and re-run"),
+    errno.ENOENT: ("folder vanished while writing", "keep it in place and re-run"),
+}
+
+
+def storage_fault(error: BaseException, written: Path | None = None) -> OSError | None:
+    """The OSError of a storage fault behind ``error`` (itself, or what it was raised from or
+    during: torch.save reports a full disk as a RuntimeError over the OSError), else None.
+
+    A missing file counts only when the folder of ``written`` has vanished: otherwise it is a
+    missing input, which the caller reports as such."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _STORAGE_FAULTS:
+            vanished = written is not None and not written.parent.is_dir()
+            if current.errno != errno.ENOENT or vanished:
+                return current
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def storage_error(fault: OSError, path: str | Path) -> StorageError:
+    """One-line StorageError for a write to ``path`` that failed with ``fault``."""
+    what, todo = _STORAGE_FAULTS[fault.errno]
+    return StorageError(f"{path}: {what} ({_mount_point(Path(path))}); {todo}")
+
+
+def _mount_point(path: Path) -> str:
+    """The file system a path is on, for the message: where the space must be freed."""
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return f"file system at {path}"
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to `path`; move it into place only if the block succeeds."""
+    """Yield a temporary path next to `path`; move it into place only if the block succeeds.
+
+    A storage fault anywhere in the block (the writer's own exception or the OSError under it)
+    becomes a StorageError naming `path`; the temporary file is removed either way."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = _new_file(path.parent / f".{path.name}")
+    temp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temp = _new_file(path.parent / f".{path.name}")
         yield Path(temp)
         os.replace(temp, path)
+    except Exception as error:
+        fault = storage_fault(error, path)
+        if fault is None or isinstance(error, StorageError):
+            raise
+        raise storage_error(fault, path) from error
     finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+        if temp is not None:
+            with suppress(FileNotFoundError):  # renamed into place, or its folder vanished
+                os.unlink(temp)
 
 
 @contextmanager
@@ -50,9 +117,10 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise UserError(f"{path} exists and is not a folder: remove it or pick another")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = _fresh_sibling(path, "partial")
+    partial = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = _fresh_sibling(path, "partial")
         yield partial
         if path.exists():
             old = _fresh_sibling(path, "old")
@@ -62,8 +130,14 @@ def atomic_folder(path: str | Path) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             partial.rename(path)
+    except Exception as error:
+        fault = storage_fault(error, path)
+        if fault is None or isinstance(error, StorageError):
+            raise
+        raise storage_error(fault, path) from error
     finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
 
 
 def _fresh_sibling(path: Path, tag: str) -> Path:
@@ -143,6 +217,54 @@ def file_digest(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def _exit_one_line(error: BaseException) -> None:
+    message = " ".join(str(error).split())  # one line, whatever the message holds
+    print(f"error ({type(error).__name__}): {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def preflight(stage: str, dvc_yaml: str | Path = "dvc.yaml",
+              extra: Iterable[str | Path] = ()) -> None:
+    """Refuse, before any work, a stage whose outputs (its outs, metrics and plots in dvc.yaml)
+    or ``extra`` paths cannot be written: the nearest existing folder of each must be writable.
+    Otherwise a read-only folder would be met after other outputs were already replaced."""
+    for path in [*declared_outputs(stage, dvc_yaml), *map(Path, extra)]:
+        for folder in _folders_written(path):
+            if not os.access(folder, os.W_OK):
+                fault = errno.EROFS if _read_only_mount(folder) else errno.EACCES
+                what, todo = _STORAGE_FAULTS[fault]
+                raise StorageError(
+                    f"{folder}: {what}; stage {stage} writes {path} there: {todo} "
+                    "(nothing was changed)")
+
+
+def declared_outputs(stage: str, dvc_yaml: str | Path = "dvc.yaml") -> list[Path]:
+    """The paths ``stage`` declares as outs, metrics and plots in dvc.yaml ([] without one)."""
+    import yaml
+
+    if not Path(dvc_yaml).is_file():
+        return []
+    spec = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {}).get(stage, {})
+    paths = []
+    for section in ("outs", "metrics", "plots"):
+        for entry in spec.get(section) or []:
+            paths.extend([Path(entry)] if isinstance(entry, str) else map(Path, entry))
+    return paths
+
+
+def _folders_written(path: Path) -> list[Path]:
+    """Where writing ``path`` creates entries: its nearest existing parent folder (the temporary
+    sibling and the rename land there), and the folder itself when it is one (its files)."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return [parent, path] if path.is_dir() else [parent]
+
+
+def _read_only_mount(folder: Path) -> bool:
+    return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+
+
 def run_main(main: Callable[[], None]) -> None:
     """Run a stage or command: user errors become one line on stderr and exit code 2."""
     # A shell that starts a job in the background without job control makes it ignore SIGINT,
@@ -155,10 +277,14 @@ def run_main(main: Callable[[], None]) -> None:
     try:
         main()
     except (UserError, FileNotFoundError) as error:
-        name = type(error).__name__
-        message = " ".join(str(error).split())  # one line, whatever the message holds
-        print(f"error ({name}): {message}", file=sys.stderr)
-        sys.exit(2)
+        _exit_one_line(error)
+    except Exception as error:
+        # A full disk or read-only folder met outside atomic_path (a library's own file, the
+        # MLflow store): still one line naming the path, not a traceback.
+        fault = storage_fault(error)
+        if fault is None:
+            raise
+        _exit_one_line(storage_error(fault, fault.filename or "a file of this stage"))
     except KeyboardInterrupt:
         print("interrupted: outputs written so far are complete; re-run to continue",
               file=sys.stderr)

@@ -7,42 +7,158 @@ runs stages in a temporary copy). ``MLFLOW_TRACKING_URI`` overrides it for a tea
 Grouping: each stage is a nested run under one parent per (DVC experiment or workspace, git
 commit, params). The parent carries every stage's headline metrics prefixed by the stage name
 (``evaluate.unfrozen.map``) and all params, so the MLflow UI compares experiments side by side.
+
+Faults (README, "Tracking faults"): a server named by ``MLFLOW_TRACKING_URI`` is probed first
+(``tracking.timeout_s``); when it does not answer, ``tracking.unreachable`` decides: ``fail`` in
+one line, or ``local`` (one warning, then the project's store). The local store vanishing or
+turning unwritable mid-stage fails the stage in one line naming it: its runs cannot be recovered
+into a new store, and the next run creates one.
 """
 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import random
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from retrieval.outputs import StorageError, UserError, preflight
 from retrieval.workspace import project_root
 
 EXPERIMENT_NAME = "retrieval"
 T = TypeVar("T")
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
+# MLflow logs each database error with its traceback before raising it: the raised error is
+# what a stage reports (one line for a vanished or read-only store), so the log is noise.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+
+
+# The server URI this process fell back from (tracking.unreachable: local), else None.
+_fallen_back_from: str | None = None
+
+
+def _server_uri() -> str | None:
+    """MLFLOW_TRACKING_URI, unless this stage found it unreachable and fell back."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    return uri if uri and uri != _fallen_back_from else None
+
+
+def local_store() -> Path:
+    return project_root() / "mlruns"
 
 
 def tracking_uri() -> str:
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    uri = _server_uri()
     if uri:
         return uri
-    store = project_root() / "mlruns"
+    store = local_store()
     store.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{store / 'mlflow.db'}"
 
 
 def _artifact_location() -> str | None:
-    if os.environ.get("MLFLOW_TRACKING_URI"):
+    if _server_uri():
         return None  # the server decides
-    return (project_root() / "mlruns" / "artifacts").as_uri()
+    return (local_store() / "artifacts").as_uri()
+
+
+def _sqlite_file(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (None for a server or another store)."""
+    prefix = "sqlite:///"
+    return Path(uri[len(prefix):]) if uri.startswith(prefix) else None
+
+
+class TrackingUnreachable(UserError):
+    """MLFLOW_TRACKING_URI names a server that did not answer (tracking.unreachable: fail)."""
+
+
+def probe_server(uri: str, timeout_s: float) -> str | None:
+    """Why the MLflow server at ``uri`` is unreachable (None: it answered, whatever the HTTP
+    status). One request, no retries: MLflow's own client retries for minutes."""
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s):
+            return None
+    except urllib.error.HTTPError:
+        return None  # something answered: MLflow reports what it does not like
+    except urllib.error.URLError as error:
+        return str(getattr(error, "reason", error))
+    except (OSError, http.client.HTTPException) as error:  # a timeout, a reset, garbage
+        return str(error) or type(error).__name__
+
+
+def choose_store(all_params: dict[str, Any]) -> None:
+    """Probe a tracking server, if one is configured, and apply ``tracking.unreachable``."""
+    global _fallen_back_from
+    _fallen_back_from = None
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri.lower().startswith(("http://", "https://")):
+        return
+    timeout_s = float(all_params.get("tracking.timeout_s", 5.0))
+    reason = probe_server(uri, timeout_s)
+    if reason is None:
+        return
+    said = (f"the MLflow server {uri} (MLFLOW_TRACKING_URI) did not answer within "
+            f"{timeout_s:g} s ({reason})")
+    if all_params.get("tracking.unreachable", "fail") != "local":
+        raise TrackingUnreachable(
+            f"{said}: start it or fix MLFLOW_TRACKING_URI, or set tracking.unreachable: local "
+            "in params.yaml to log to this project's mlruns/ instead")
+    _fallen_back_from = uri
+    print(f"warning: {said}: logging to the local store {local_store()} instead "
+          "(tracking.unreachable: local)", file=sys.stderr)
+
+
+class _StoreWatch:
+    """The local SQLite store as the stage opened it: a file deleted or replaced mid-stage
+    goes unnoticed by SQLite (its open connection writes to the unlinked file)."""
+
+    def __init__(self, uri: str):
+        self.file = _sqlite_file(uri)
+        self.identity = self._identity()
+
+    def _identity(self) -> tuple[int, int] | None:
+        try:
+            status = self.file.stat() if self.file else None
+        except FileNotFoundError:
+            return None
+        return (status.st_dev, status.st_ino) if status else None
+
+    def failure(self, stage: str, error: BaseException | None = None) -> StorageError | None:
+        """A one-line error when the store vanished or refused a write, else None."""
+        if self.file is None:
+            return None
+        if self.identity is not None and self._identity() != self.identity:
+            return StorageError(
+                f"{self.file}: the MLflow store vanished (deleted or replaced) while stage "
+                f"{stage} ran, and its runs with it; its outputs are written: re-run the stage "
+                "to log it to a new store")
+        signs = ("readonly database", "unable to open database", "disk i/o error",
+                 "database or disk is full")
+        # SQLAlchemy's message opens with its own notes: quote the line SQLite wrote.
+        lines = [line for line in str(error or "").splitlines()
+                 if any(sign in line.lower() for sign in signs)]
+        if lines:
+            first = lines[0].strip()[:160]
+            return StorageError(
+                f"{self.file}: the MLflow store refused a write during stage {stage} ({first}); "
+                f"make {self.file.parent} writable (or free space there) and re-run")
+        return None
+
+    def check(self, stage: str) -> None:
+        failure = self.failure(stage)
+        if failure is not None:
+            raise failure
 
 
 def _retry(call: Callable[[], T], attempts: int = 8) -> T:
@@ -76,22 +192,37 @@ def run_group(params: dict[str, Any]) -> tuple[str, str]:
 
 
 class StageRun:
-    """What a stage may do with its MLflow run; every call retries transient lock errors."""
+    """What a stage may do with its MLflow run; every call retries transient lock errors and
+    fails in one line if the local store vanished or refused the write."""
 
-    def __init__(self, mlflow_module: Any, run_id: str, parent_id: str, stage: str):
+    def __init__(self, mlflow_module: Any, run_id: str, parent_id: str, stage: str,
+                 watch: _StoreWatch | None = None):
         self._mlflow = mlflow_module
         self._client = mlflow_module.MlflowClient()
         self.run_id = run_id
         self.parent_id = parent_id
         self.stage = stage
+        self._watch = watch
+
+    def _call(self, call: Callable[[], T]) -> T:
+        try:
+            result = _retry(call)
+        except Exception as error:
+            failure = self._watch.failure(self.stage, error) if self._watch else None
+            if failure is None:
+                raise
+            raise failure from error
+        if self._watch:
+            self._watch.check(self.stage)
+        return result
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None,
                     to_parent: bool = False) -> None:
         clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
-        _retry(lambda: self._mlflow.log_metrics(clean, step=step))
+        self._call(lambda: self._mlflow.log_metrics(clean, step=step))
         if to_parent:
             prefixed = {f"{self.stage}.{k}": v for k, v in clean.items()}
-            _retry(lambda: self._log_batch(self.parent_id, prefixed, step))
+            self._call(lambda: self._log_batch(self.parent_id, prefixed, step))
 
     def _log_batch(self, run_id: str, metrics: dict[str, float], step: int | None) -> None:
         from mlflow.entities import Metric
@@ -102,12 +233,12 @@ class StageRun:
 
     def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
         if Path(path).is_dir():
-            _retry(lambda: self._mlflow.log_artifacts(str(path), folder))
+            self._call(lambda: self._mlflow.log_artifacts(str(path), folder))
         elif Path(path).exists():
-            _retry(lambda: self._mlflow.log_artifact(str(path), folder))
+            self._call(lambda: self._mlflow.log_artifact(str(path), folder))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        _retry(lambda: self._mlflow.set_tags({k: str(v) for k, v in tags.items()}))
+        self._call(lambda: self._mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
 
 def _is_number(value: Any) -> bool:
@@ -122,28 +253,58 @@ def stage_run(stage: str, params: dict[str, Any], all_params: dict[str, Any] | N
     ``params`` are the keys this stage reads (logged on the stage run); ``all_params`` (default:
     the same) identify the pipeline execution and are logged on the parent.
     """
+    all_params = all_params if all_params is not None else params
+    choose_store(all_params)
+    local = _sqlite_file(tracking_uri())
+    # Before any work: a read-only output folder or store is refused while nothing has changed.
+    preflight(stage, extra=[local] if local else [])
     import mlflow
 
-    all_params = all_params if all_params is not None else params
-    mlflow.set_tracking_uri(tracking_uri())
-    experiment = _retry(lambda: _ensure_experiment(mlflow))
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    watch = _StoreWatch(uri)
+    opened = StageRun(mlflow, "", "", stage, watch)  # its _call guards the opening too
+    experiment = opened._call(lambda: _ensure_experiment(mlflow))
+    watch = _StoreWatch(uri)  # the store exists now, created by MLflow if it was new
+    opened._watch = watch
     group, display = run_group(all_params)
     tags = {"git_commit": git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
             "pipeline.group": group}
-    parent_id = _retry(lambda: _find_or_create_parent(mlflow, experiment, group, display, tags,
-                                                      all_params))
-    with _retry(lambda: mlflow.start_run(run_id=parent_id)):
-        child = _retry(lambda: mlflow.start_run(run_name=stage, nested=True,
-                                                experiment_id=experiment,
-                                                tags={**tags, "stage": stage}))
-        try:
-            _retry(lambda: mlflow.log_params({k: _param(v) for k, v in params.items()}))
-            yield StageRun(mlflow, child.info.run_id, parent_id, stage)
-        except BaseException:
-            _retry(lambda: mlflow.end_run(status="FAILED"))
+    parent_id = opened._call(lambda: _find_or_create_parent(mlflow, experiment, group, display,
+                                                            tags, all_params))
+    opened._call(lambda: mlflow.start_run(run_id=parent_id))
+    child = opened._call(lambda: mlflow.start_run(run_name=stage, nested=True,
+                                                  experiment_id=experiment,
+                                                  tags={**tags, "stage": stage}))
+    run = StageRun(mlflow, child.info.run_id, parent_id, stage, watch)
+    try:
+        run._call(lambda: mlflow.log_params({k: _param(v) for k, v in params.items()}))
+        yield run
+    except BaseException as error:
+        failure = error if isinstance(error, StorageError) else watch.failure(stage, error)
+        if failure is None:
+            _end_runs(mlflow, "FAILED")
             raise
-        else:
-            _retry(lambda: mlflow.end_run())
+        with suppress(Exception):  # a broken store: the one-line error matters, not the end
+            _end_runs(mlflow, "FAILED")
+        if failure is error:
+            raise
+        raise failure from error
+    else:
+        run._call(lambda: _end_runs(mlflow, "FINISHED"))
+
+
+def _end_runs(mlflow: Any, status: str) -> None:
+    """End the stage's run and its parent, the second even when the first fails (MLflow drops
+    a run from its stack before writing its end: a process that goes on must not keep it)."""
+    errors = []
+    for _ in range(2):
+        try:
+            _retry(lambda: mlflow.end_run(status=status))
+        except Exception as error:
+            errors.append(error)
+    if errors:
+        raise errors[0]
 
 
 def _param(value: Any) -> str:
@@ -153,13 +314,15 @@ def _param(value: Any) -> str:
 def quoted(value: str) -> str:
     """``value`` as a string literal of an MLflow search filter. MLflow has no escape inside a
     literal, but takes either quote: an experiment name with an apostrophe (``it's``) goes in
-    double quotes. A name with both kinds cannot be written: a one-line UserError names it."""
+    double quotes. A name with both kinds cannot be written, nor one ending in a backslash (the
+    filter parser reads it as escaping the closing quote): a one-line UserError names it."""
+    if value.endswith("\\"):
+        raise UserError(f"the DVC experiment name {value!r} ends with a backslash: MLflow cannot "
+                        "search for it; rename the experiment (dvc exp run -n NAME)")
     if "'" not in value:
         return f"'{value}'"
     if '"' not in value:
         return f'"{value}"'
-    from retrieval.outputs import UserError
-
     raise UserError(f"the DVC experiment name {value!r} holds both ' and \": MLflow cannot "
                     "search for it; rename the experiment (dvc exp run -n NAME)")
 
