@@ -33,3 +33,23 @@ def test_a_name_with_both_quotes_is_refused_in_one_line():
         tracking.quoted("it's \"x\"")
     with pytest.raises(UserError, match="ends with a backslash"):
         tracking.quoted("trailing\\")
+
+
+def test_a_stage_run_does_not_leave_its_store_as_the_users_tracking_uri(tmp_path, monkeypatch):
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which tracking_uri() reads as a team
+    # server's address: a second project in the same process logged into the first one's store.
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    stores = []
+    for project in ("first", "second"):
+        (tmp_path / project).mkdir()
+        monkeypatch.chdir(tmp_path / project)
+        with tracking.stage_run("prepare", {"seed": 1}):
+            pass
+        assert "MLFLOW_TRACKING_URI" not in os.environ
+        stores.append(tracking.tracking_uri())
+    assert stores == [f"sqlite:///{tmp_path / p / 'mlruns' / 'mlflow.db'}"
+                      for p in ("first", "second")]
+    assert (tmp_path / "second" / "mlruns" / "mlflow.db").stat().st_size > 0

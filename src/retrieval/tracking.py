@@ -97,6 +97,18 @@ def probe_server(uri: str, timeout_s: float) -> str | None:
         return str(error) or type(error).__name__
 
 
+def _use_store(mlflow: Any, uri: str) -> None:
+    """Point MLflow at ``uri`` without making it the user's choice: mlflow.set_tracking_uri
+    also exports MLFLOW_TRACKING_URI, which ``tracking_uri`` reads as a team server's address,
+    so a later call in this process (another project, a test) would log into this store."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def choose_store(all_params: dict[str, Any]) -> None:
     """Probe a tracking server, if one is configured, and apply ``tracking.unreachable``."""
     global _fallen_back_from
@@ -261,7 +273,7 @@ def stage_run(stage: str, params: dict[str, Any], all_params: dict[str, Any] | N
     import mlflow
 
     uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
+    _use_store(mlflow, uri)
     watch = _StoreWatch(uri)
     opened = StageRun(mlflow, "", "", stage, watch)  # its _call guards the opening too
     experiment = opened._call(lambda: _ensure_experiment(mlflow))
@@ -361,7 +373,7 @@ def pipeline_runs(max_results: int = 200) -> list[dict[str, Any]]:
     dvc_experiment, git_commit, params and metrics (for the report's experiment comparison)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    _use_store(mlflow, tracking_uri())
     experiment = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
     if experiment is None:
         return []
@@ -381,7 +393,7 @@ def pipeline_run_ids(params: dict[str, Any]) -> dict[str, str]:
     land in MLflow's 'Default' experiment."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    _use_store(mlflow, tracking_uri())
     client = mlflow.MlflowClient()
     experiments = [e.experiment_id for e in _retry(client.search_experiments)]
     if not experiments:
@@ -398,7 +410,7 @@ def run_durations(run_ids: dict[str, str]) -> dict[str, float]:
     ``run_ids`` (stage -> run id, as `pipeline_run_ids` gives them; the parent is skipped)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    _use_store(mlflow, tracking_uri())
     client = mlflow.MlflowClient()
     durations = {}
     for stage, run_id in run_ids.items():
@@ -414,7 +426,7 @@ def experiment_durations(dvc_experiment: str) -> dict[str, float]:
     """stage -> seconds of the latest finished stage run of a DVC experiment (by name)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
+    _use_store(mlflow, tracking_uri())
     client = mlflow.MlflowClient()
     experiments = [e.experiment_id for e in _retry(client.search_experiments)]
     runs = _retry(lambda: client.search_runs(

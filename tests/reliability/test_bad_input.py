@@ -286,8 +286,8 @@ def test_batches_that_need_more_classes_than_exist_are_a_user_error():
 @pytest.mark.parametrize(("raw", "message"), [  # cases tests/test_config.py does not have
     ({"train": {"marign": 1.0}}, "unknown key 'train.marign'"),
     ({"train": {"batch_size": "32"}}, "train.batch_size must be an integer, found '32'"),
-    ({"train": {"batch_size": 0}}, "train.batch_size (0) must be >= 2"),
-    ({"train": {"batch_size": -8}}, "train.batch_size (-8) must be >= 2"),
+    ({"train": {"batch_size": 0}}, "train.batch_size (0) must be in [2, 4096]"),
+    ({"train": {"batch_size": -8}}, "train.batch_size (-8) must be in [2, 4096]"),
     ({"train": {"margin": 0}}, "train.margin (0.0) must be > 0"),
     ({"train": {"margin": -0.5}}, "train.margin (-0.5) must be > 0"),
     ({"model": {"pooling": "sum"}}, "model.pooling is 'sum', expected one of"),
