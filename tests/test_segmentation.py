@@ -296,7 +296,7 @@ def test_explainer_file_round_trip_and_model_check(tmp_path):
 
 
 @pytest.mark.parametrize("section, message", [
-    ({"batch_size": 0}, "gradcam_segment.batch_size (0) must be in [1, 4096]"),
+    ({"batch_size": 0}, r"gradcam_segment.batch_size \(0\) must be in \[1, 4096\]"),
     ({"methods": []}, "gradcam_segment.methods is empty"),
     ({"methods": ["gradcam", "gradcam"]}, "names a method twice"),
     ({"binarize": []}, "gradcam_segment.binarize is empty"),
