@@ -11,6 +11,7 @@ import contextlib
 import io
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -57,6 +58,8 @@ def run_script(script: str | Path, args: list[str] | None = None, cwd: Path | No
     stdout, stderr = io.StringIO(), io.StringIO()
     code = 0
     saved_env, saved_cwd, saved_argv = dict(os.environ), Path.cwd(), sys.argv
+    # run_main installs SIGINT/SIGTERM handlers (lifeline): pytest gets its own back after.
+    saved_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     os.environ.pop("DVC_ROOT", None)
     for name, value in (env or {}).items():
         if value is None:
@@ -78,6 +81,8 @@ def run_script(script: str | Path, args: list[str] | None = None, cwd: Path | No
     finally:
         os.chdir(saved_cwd)
         sys.argv = saved_argv
+        for signum, handler in saved_handlers.items():
+            signal.signal(signum, handler)
         os.environ.clear()
         os.environ.update(saved_env)
     return subprocess.CompletedProcess([str(script), *(args or [])], code, stdout.getvalue(),

@@ -312,30 +312,33 @@ def mlflow_statuses(repo: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.e2e
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGKILL],
-                         ids=["sigterm-to-dvc-alone", "sigkill-to-dvc-alone"])
-def test_dvc_killed_alone_stops_its_stage_and_a_rerun_resumes(trained_repo, reference,
-                                                               tmp_path, signum):
+def test_dvc_killed_alone_stops_its_stage_and_a_rerun_resumes(trained_repo, reference, tmp_path):
+    """SIGTERM to dvc alone after epoch 1, then a re-run whose dvc gets SIGKILL after epoch 2
+    (one 3-epoch training, interrupted twice), then a re-run that finishes like the reference."""
     repo = trained_repo
     for name in OUTPUTS:
         (repo / name).unlink()
 
-    code, stage, seconds, log = kill_dvc_alone_after(repo, 1, signum, tmp_path / "dvc.log")
-    assert code == -signum, log[-3000:]
-    assert stage, "dvc had started no stage process"
-    assert not running(stage), f"still running {seconds:.1f} s after dvc died: {stage}"
-    assert log.count(INTERRUPTED) == 1 and "Traceback" not in log, log[-3000:]
-    assert checkpoint_epoch(repo) == 1
-    state = torch.load(resume_files(repo)[0], weights_only=True)
-    assert {"model", "optimizer", "scheduler", "history", "best", "fingerprint"} <= set(state)
-    assert_no_half_written_outputs(repo)
-    assert not debris(repo)
-    statuses = mlflow_statuses(repo)
-    assert statuses[STAGE][-1] == "FAILED"  # ended by the clean stop, not left RUNNING
-    assert "RUNNING" not in sum(statuses.values(), [])
+    for epoch, signum in ((1, signal.SIGTERM), (2, signal.SIGKILL)):
+        code, stage, seconds, log = kill_dvc_alone_after(repo, epoch, signum,
+                                                         tmp_path / f"dvc-{signum.name}.log")
+        assert code == -signum, log[-3000:]
+        assert stage, "dvc had started no stage process"
+        assert not running(stage), f"still running {seconds:.1f} s after dvc died: {stage}"
+        assert log.count(INTERRUPTED) == 1 and "Traceback" not in log, log[-3000:]
+        if epoch > 1:
+            assert f"resuming from the checkpoint of epoch {epoch - 1}" in log, log[-3000:]
+        assert checkpoint_epoch(repo) == epoch
+        state = torch.load(resume_files(repo)[0], weights_only=True)
+        assert {"model", "optimizer", "scheduler", "history", "best", "fingerprint"} <= set(state)
+        assert_no_half_written_outputs(repo)
+        assert not debris(repo)
+        statuses = mlflow_statuses(repo)
+        assert statuses[STAGE][-1] == "FAILED"  # ended by the clean stop, not left RUNNING
+        assert "RUNNING" not in sum(statuses.values(), [])
 
     result = run(["dvc", "repro"], cwd=repo)
-    assert "resuming from the checkpoint of epoch 1" in result.stdout + result.stderr
+    assert "resuming from the checkpoint of epoch 2" in result.stdout + result.stderr
     assert "Running stage 'train_frozen'" not in result.stdout
     metrics, history, weights = comparable(repo)
     assert metrics == reference[0]
