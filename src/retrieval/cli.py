@@ -244,6 +244,8 @@ def load_image(path: Path) -> Image.Image:
         return data.load_rgb(path)
     except Image.UnidentifiedImageError as error:
         raise UserError(f"{path} is not an image (Pillow cannot identify it)") from error
+    except data.UnusableImage as error:  # decodes, but breaks a dataset rule (README)
+        raise UserError(f"{path} cannot be used: {error.reason}") from error
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as error:
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__

@@ -391,3 +391,15 @@ def test_a_stage_refuses_a_checkpoint_of_another_architecture(split_repo, stage)
     assert outputs_state(split_repo) == before
     assert not leftovers(split_repo)
     assert mlflow_runs(split_repo) == runs  # the store is readable and no run was started
+
+
+def test_an_image_that_breaks_a_dataset_rule_is_refused_by_the_commands_in_one_line(
+        workspace, tmp_path):
+    # The same loader as prepare's (data.load_rgb): a 3x60000 strip would allocate gigabytes
+    # when resized; the message gives the rule once, without repeating the path.
+    strip = tmp_path / "strip.png"
+    Image.new("L", (3, 60_000)).save(strip)
+    result = run_script("retrieval", compare_args(workspace, tmp_path, image_a=strip))
+    line = assert_one_line_error(result, f"{strip} cannot be used: aspect ratio 1:20000")
+    assert line.count(str(strip)) == 1
+    assert not (tmp_path / "pair.png").exists() and not leftovers(tmp_path)
