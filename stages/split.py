@@ -5,7 +5,6 @@ Writes: data/split.csv (path, label, split, mask_path), metrics/split.json,
         plots/split/class_counts.csv
 """
 
-import pandas as pd
 
 from retrieval import config, data, outputs, paths, tracking
 
@@ -15,7 +14,8 @@ STAGE = "split"
 def main() -> None:
     params = config.load_params()
     s = params.split
-    index = pd.read_csv(paths.INDEX_CSV, keep_default_na=False, dtype=str)
+    index = outputs.read_table(paths.INDEX_CSV, ("path", "label", "mask_path"),
+                               keep_default_na=False, dtype=str)
     with tracking.stage_run(STAGE, config.select(params, config.stage_params(STAGE)),
                             config.flatten(config.to_dict(params))) as run:
         fractions = (s.train, s.val, s.test)

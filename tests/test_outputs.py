@@ -1,6 +1,7 @@
 """Atomic outputs: a file appears whole or not at all, with ordinary permissions."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +34,33 @@ def test_atomic_folder_replaces_whole_or_leaves_the_old_one(tmp_path):
         raise RuntimeError("interrupted")
     assert [p.name for p in target.iterdir()] == ["a.txt"]  # the old folder is untouched
     assert [p.name for p in tmp_path.iterdir()] == ["data"]  # and no partial sibling is left
+
+
+def test_a_damaged_pipeline_output_is_one_line_naming_the_stage_that_writes_it(tmp_path,
+                                                                               monkeypatch):
+    import numpy as np
+
+    from retrieval.evaluation import Embeddings
+
+    monkeypatch.chdir(tmp_path)
+    Path("dvc.yaml").write_text("stages:\n  evaluate:\n    cmd: x\n    outs: [data/embeddings]\n"
+                                "    metrics: [metrics/evaluate.json]\n")
+    Path("data/embeddings").mkdir(parents=True)
+    Path("metrics").mkdir()
+    Path("data/embeddings/frozen.npz").write_bytes(b"PK\x03\x04 cut short")
+    Path("metrics/evaluate.json").write_text('{"map": 0.5')
+    Path("other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(outputs.DamagedOutputError, match=r"^data/embeddings/frozen.npz cannot "
+                       r"be read .*: re-create it with `dvc repro --force evaluate`$"):
+        Embeddings.load("data/embeddings/frozen.npz")
+    with pytest.raises(outputs.DamagedOutputError, match="metrics/evaluate.json .*evaluate`"):
+        outputs.read_json("metrics/evaluate.json")
+    with pytest.raises(outputs.DamagedOutputError,
+                       match=r"other.csv .*column 'path' is missing.*`dvc repro --force`$"):
+        outputs.read_table("other.csv", ("path",))
+    assert outputs.read_table("other.csv", ("a", "b"))["b"].tolist() == [2]
+    with pytest.raises(FileNotFoundError):  # a missing file keeps its own message
+        outputs.read_json("metrics/missing.json")
+    np.savez(Path("data/embeddings/frozen.npz"), rows=np.arange(2))  # a key short
+    with pytest.raises(outputs.DamagedOutputError, match="no 'vectors"):
+        Embeddings.load("data/embeddings/frozen.npz")

@@ -386,7 +386,6 @@ def search_command(args: argparse.Namespace) -> None:
 
 def load_gallery(index_path: Path) -> tuple[pd.DataFrame, faiss.Index]:
     """The gallery list (path, label, file per index id) and the FAISS index."""
-    import pandas as pd
 
     from retrieval import search
 
@@ -401,7 +400,8 @@ def load_gallery(index_path: Path) -> tuple[pd.DataFrame, faiss.Index]:
     if not listing.is_file():
         raise UserError(f"{listing} (the gallery list of {index_path}) does not exist: "
                         "re-run `dvc repro evaluate`")
-    gallery = pd.read_csv(listing, keep_default_na=False, dtype={"label": str})
+    gallery = outputs.read_table(listing, ("path", "label"), keep_default_na=False,
+                                 dtype={"label": str})
     if len(gallery) != index.ntotal:
         raise UserError(f"{listing} lists {len(gallery)} images but {index_path} holds "
                         f"{index.ntotal}: re-run `dvc repro evaluate`")

@@ -519,12 +519,13 @@ def check_retrieval_possible(table: pd.DataFrame) -> None:
 
 def load_split_table(split_csv: str | Path, dataset_json: str | Path) -> pd.DataFrame:
     """The split table with `file` and `mask_file` columns resolved against the dataset root."""
-    import json
+    from retrieval import outputs
 
-    location = json.loads(Path(dataset_json).read_text())
-    table = pd.read_csv(split_csv, keep_default_na=False, dtype=str)
-    root = Path(location["root"])
+    location = outputs.read_json(dataset_json)
+    with outputs.reading(dataset_json):
+        root, masks = Path(location["root"]), Path(location["masks"]) if location["masks"] else None
+    table = outputs.read_table(split_csv, ("path", "label", "split", "mask_path"),
+                               keep_default_na=False, dtype=str)
     table["file"] = [str(root / p) for p in table["path"]]
-    masks = Path(location["masks"]) if location["masks"] else None
     table["mask_file"] = [str(masks / m) if masks and m else "" for m in table["mask_path"]]
     return table

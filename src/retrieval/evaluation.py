@@ -35,7 +35,7 @@ from retrieval.compared import COMPARED_MODELS, ComparedModel, checkpoints
 from retrieval.config import EvaluateConfig
 from retrieval.embed import run_batched
 from retrieval.models import EmbeddingNet
-from retrieval.outputs import UserError, atomic_path, file_digest, markdown_table
+from retrieval.outputs import UserError, atomic_path, file_digest, markdown_table, reading
 from retrieval.plots import evaluation as evaluation_plots
 from retrieval.plots.evaluation import Tile
 
@@ -101,7 +101,7 @@ class Embeddings:
         path = Path(path)
         if not path.is_file():
             raise UserError(f"embeddings file {path} does not exist: run `dvc repro evaluate`")
-        with np.load(path, allow_pickle=False) as stored:
+        with reading(path), np.load(path, allow_pickle=False) as stored:
             return cls(**{name: stored[name] for name in
                           ("rows", "vectors", "labels", "splits", "paths")})
 

@@ -23,6 +23,7 @@ import secrets
 import shutil
 import signal
 import sys
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -93,10 +94,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     A storage fault anywhere in the block (the writer's own exception or the OSError under it)
     becomes a StorageError naming `path`; the temporary file is removed either way."""
     path = Path(path)
-    temp = None
+    claimed: list[str] = []
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = _new_file(path.parent / f".{path.name}")
+        temp = _new_file(path.parent / f".{path.name}", claimed)
         yield Path(temp)
         os.replace(temp, path)
     except Exception as error:
@@ -105,9 +106,10 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             raise
         raise storage_error(fault, path) from error
     finally:
-        if temp is not None:
-            with suppress(FileNotFoundError):  # renamed into place, or its folder vanished
-                os.unlink(temp)
+        for name in claimed:
+            # Renamed into place, never created (a read-only folder), or its folder vanished.
+            with suppress(OSError):
+                os.unlink(name)
 
 
 @contextmanager
@@ -148,16 +150,19 @@ def _fresh_sibling(path: Path, tag: str) -> Path:
     return sibling
 
 
-def _new_file(prefix: Path) -> str:
+def _new_file(prefix: Path, claimed: list[str]) -> str:
     """Create an empty, unique ``<prefix>.<random>.tmp`` with the permissions of any new file
-    (0666 less the umask: mkstemp's 0600 would survive the rename)."""
+    (0666 less the umask: mkstemp's 0600 would survive the rename). Its name goes into
+    ``claimed`` before the file exists, so the caller's clean-up also covers a Ctrl-C or SIGTERM
+    that lands between the creation and the return."""
     while True:
         name = f"{prefix}.{secrets.token_hex(6)}.tmp"
+        claimed.append(name)
         try:
             os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
             return name
         except FileExistsError:
-            continue
+            claimed.remove(name)  # another writer's: never ours to remove
 
 
 def _jsonable(value: Any) -> Any:
@@ -183,8 +188,63 @@ def write_text(path: str | Path, text: str) -> None:
         temp.write_text(text)
 
 
+class DamagedOutputError(UserError):
+    """A file an earlier stage wrote cannot be read as that stage writes it (truncated, edited
+    by hand, or from another version of the project)."""
+
+
+@contextmanager
+def reading(path: str | Path) -> Iterator[None]:
+    """Read an earlier stage's output in this block: a parse error (bad JSON, CSV or npz, a
+    missing column or key) becomes one DamagedOutputError naming the file and the stage that
+    re-creates it. A missing file stays a FileNotFoundError (its own one-line message)."""
+    try:
+        yield
+    except (FileNotFoundError, UserError):
+        raise
+    except (ValueError, KeyError, TypeError, OSError, EOFError, zipfile.BadZipFile,
+            pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        reason = " ".join(str(error).split())[:160] or type(error).__name__
+        if isinstance(error, KeyError):
+            reason = f"no {reason}"
+        writer = _writer_of(Path(path))
+        again = f"dvc repro --force {writer}" if writer else "dvc repro --force"
+        raise DamagedOutputError(f"{path} cannot be read as the pipeline writes it ({reason}): "
+                                 f"re-create it with `{again}`") from error
+
+
+def _writer_of(path: Path, dvc_yaml: str | Path = "dvc.yaml") -> str | None:
+    """The dvc.yaml stage whose outs, metrics or plots hold ``path``, if any."""
+    import yaml
+
+    if not Path(dvc_yaml).is_file():
+        return None
+    with suppress(Exception):  # only for the message: a broken dvc.yaml has its own error
+        for stage in (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {}):
+            for declared in declared_outputs(stage, dvc_yaml):
+                if path == declared or declared in path.parents:
+                    return stage
+    return None
+
+
 def read_json(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+    """A JSON object an earlier stage wrote (``reading`` turns damage into one line)."""
+    with reading(path):
+        value = json.loads(Path(path).read_text())
+        if not isinstance(value, dict):
+            raise ValueError(f"a JSON object expected, found {type(value).__name__}")
+        return value
+
+
+def read_table(path: str | Path, columns: Sequence[str], **options: Any) -> pd.DataFrame:
+    """A CSV an earlier stage wrote, with at least ``columns`` (damage: one line, see
+    ``reading``); ``options`` go to pandas.read_csv."""
+    with reading(path):
+        table = pd.read_csv(path, **options)
+        missing = [c for c in columns if c not in table.columns]
+        if missing:
+            raise ValueError(f"column {missing[0]!r} is missing")
+        return table
 
 
 def write_csv(path: str | Path, table: pd.DataFrame) -> None:

@@ -183,3 +183,37 @@ def test_the_margin_bound_follows_the_loss_and_the_embedding_space(loss, margin,
         return
     with pytest.raises(ParamsError, match=r"train\.margin .* must be <= [24] for train\.loss"):
         losses.check_params(cfg, normalize=normalize)
+
+
+# Files an earlier stage wrote, damaged since (truncated, edited by hand, another version): the
+# stage that reads one names it and the stage that re-creates it (outputs.reading).
+DAMAGED = [
+    ("split-csv-without-a-column", "data/split.csv", b"path,label\nx,y\n", "train_frozen",
+     ("data/split.csv", "column 'split' is missing", "dvc repro --force split")),
+    ("split-csv-empty", "data/split.csv", b"", "train_frozen",
+     ("data/split.csv", "dvc repro --force split")),
+    ("dataset-json-garbled", "data/prepared/dataset.json", b"{not json", "train_frozen",
+     ("data/prepared/dataset.json", "dvc repro --force prepare")),
+    ("dataset-json-a-list", "data/prepared/dataset.json", b"[]", "train_frozen",
+     ("data/prepared/dataset.json", "a JSON object expected")),
+    ("dataset-json-without-root", "data/prepared/dataset.json", b'{"masks": ""}',
+     "train_frozen", ("data/prepared/dataset.json", "no 'root'")),
+    ("index-csv-binary", "data/prepared/index.csv", b"garbage\x00\x01", "split",
+     ("data/prepared/index.csv", "column 'path' is missing", "dvc repro --force prepare")),
+    ("checkpoint-truncated", "models/train_frozen/best.pt", b"PK\x03\x04", "train_unfrozen",
+     ("models/train_frozen/best.pt",)),
+]
+
+
+@pytest.mark.parametrize(("relative", "content", "stage", "fragments"),
+                         [pytest.param(*case[1:], id=case[0]) for case in DAMAGED])
+def test_a_damaged_output_of_an_earlier_stage_is_named_in_one_line(repo, relative, content,
+                                                                   stage, fragments):
+    set_params(repo, {})
+    damaged = repo / relative
+    original = damaged.read_bytes()
+    damaged.write_bytes(content)
+    try:
+        run_refused(repo, stage, *fragments)
+    finally:
+        damaged.write_bytes(original)

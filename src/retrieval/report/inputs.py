@@ -6,7 +6,6 @@ is missing. Nothing here formats or judges a number.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from retrieval import compared
+from retrieval import compared, outputs
 
 MODELS = compared.MODELS  # the models evaluate.json compares, in this order
 # The "before training" reference (the baseline) and the trained models, in that order.
@@ -68,17 +67,19 @@ def load_inputs(metrics_dir: str | Path, plots_dir: str | Path, params: dict[str
     `<plots_dir>/<stage>/`, the training histories and the class counts; whatever does not
     exist is simply absent."""
     metrics_dir, plots_dir = Path(metrics_dir), Path(plots_dir)
-    metrics = {path.stem: json.loads(path.read_text())
+    metrics = {path.stem: outputs.read_json(path)
                for path in sorted(metrics_dir.glob("*.json"), key=lambda p: stage_order(p.stem))}
     figures = {path.relative_to(plots_dir).with_suffix("").as_posix(): path
                for path in sorted(plots_dir.glob("*/**/*.png"))}
-    histories = {stage: pd.read_csv(plots_dir / stage / "history.csv")
+    histories = {stage: outputs.read_table(plots_dir / stage / "history.csv", ("epoch",))
                  for stage in TRAIN_STAGES if (plots_dir / stage / "history.csv").is_file()}
     counts_csv = plots_dir / "split" / "class_counts.csv"
-    counts = pd.read_csv(counts_csv, keep_default_na=False) if counts_csv.is_file() else None
+    counts = (outputs.read_table(counts_csv, (), keep_default_na=False)
+              if counts_csv.is_file() else None)
     excluded = None
     if excluded_csv is not None and Path(excluded_csv).is_file():
-        excluded = pd.read_csv(excluded_csv, keep_default_na=False, dtype=str)
+        excluded = outputs.read_table(excluded_csv, ("path", "reason"), keep_default_na=False,
+                                      dtype=str)
     return Inputs(metrics, figures, histories, counts, excluded, dict(params), run, experiments)
 
 
