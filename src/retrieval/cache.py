@@ -102,35 +102,35 @@ def record_of(file: Path) -> Path:
     return file.with_suffix(".json")
 
 
-def _crc32(data: object) -> int:
-    return zlib.crc32(data)  # type: ignore[arg-type]  # any buffer: bytes or a memmap
+def _crc32(data: object, running: int = 0) -> int:
+    return zlib.crc32(data, running)  # type: ignore[arg-type]  # any buffer: bytes, an array
 
 
-def _problem(file: Path, size: int | None = None) -> str | None:
-    """Why ``file`` cannot be trusted (None: it can, so far as its size goes), from its record.
-    ``size`` is the size its shape implies, where the caller knows one."""
+def _problem(file: Path, size: int | None = None) -> tuple[str | None, int]:
+    """Why ``file`` cannot be trusted (None: it can, so far as its size goes), from its record,
+    and the CRC-32 the record holds. ``size`` is the size its shape implies, where known."""
     record_file = record_of(file)
     if not file.exists():
-        return "missing (its record is there)" if record_file.exists() else "absent"
+        return ("missing (its record is there)" if record_file.exists() else "absent"), 0
     try:
         record = json.loads(record_file.read_text())
-        recorded, _ = int(record["bytes"]), int(record["crc32"])
+        recorded, crc = int(record["bytes"]), int(record["crc32"])
     except FileNotFoundError:
-        return f"unverifiable (no record {record_file.name})"
+        return f"unverifiable (no record {record_file.name})", 0
     except KeyError:
-        return f"unverifiable (its record {record_file.name} has no checksum: an older version)"
+        return (f"unverifiable (its record {record_file.name} has no checksum: an older "
+                "version)"), 0
     except (ValueError, TypeError):
-        return f"unverifiable (its record {record_file.name} is unreadable)"
+        return f"unverifiable (its record {record_file.name} is unreadable)", 0
     actual = file.stat().st_size
     expected = recorded if size is None else size
     if actual != recorded or actual != expected:
-        return f"truncated or overwritten ({actual} bytes, {expected} expected)"
-    return None
+        return f"truncated or overwritten ({actual} bytes, {expected} expected)", 0
+    return None, crc
 
 
-def _checked(file: Path, data: object) -> str | None:
-    """None when ``data`` (the file's bytes) has the CRC-32 of its record, else why not."""
-    recorded = int(json.loads(record_of(file).read_text())["crc32"])
+def _checked(data: object, recorded: int) -> str | None:
+    """None when ``data`` (the file's bytes) has the recorded CRC-32, else why not."""
     return None if _crc32(data) == recorded else "garbled (checksum mismatch)"
 
 
@@ -141,10 +141,10 @@ def _warn_rebuild(kind: str, file: Path, problem: str) -> None:
 def _open_verified(file: Path, shape: tuple) -> np.ndarray | None:
     """The memory-mapped image cache if it is whole and unchanged, else None (after a warning
     when there was one to distrust). The checksum runs over the mapping that is returned."""
-    problem = _problem(file, int(np.prod(shape)))
+    problem, crc = _problem(file, int(np.prod(shape)))
     if problem is None:
         array = np.memmap(file, dtype=np.uint8, mode="r", shape=shape)
-        problem = _checked(file, array)
+        problem = _checked(array, crc)
         if problem is None:
             return array
         del array
@@ -153,13 +153,11 @@ def _open_verified(file: Path, shape: tuple) -> np.ndarray | None:
     return None
 
 
-def _write_record(file: Path, temp: Path, extra: dict | None = None) -> None:
-    """The record of ``temp``, the future ``file``: written first, so that a reader who sees
-    the new file also sees its record (an old record over a new file only causes a rebuild)."""
-    data = np.memmap(temp, dtype=np.uint8, mode="r") if temp.stat().st_size else b""
-    record = {**(extra or {}), "bytes": temp.stat().st_size, "crc32": _crc32(data)}
-    del data
-    write_json(record_of(file), record)
+def _write_record(file: Path, temp: Path, crc: int, extra: dict | None = None) -> None:
+    """The record of ``temp`` (its bytes have CRC-32 ``crc``), the future ``file``: written
+    first, so that a reader who sees the new file also sees its record (an old record over a
+    new file only causes a rebuild)."""
+    write_json(record_of(file), {**(extra or {}), "bytes": temp.stat().st_size, "crc32": crc})
 
 
 def _reserve(temp: Path, size: int) -> None:
@@ -182,15 +180,17 @@ def _decode_into(file: Path, paths: list[Path], image_size: int, shape: tuple,
     with atomic_path(file) as temp:
         _reserve(temp, int(np.prod(shape)))
         array = np.memmap(temp, dtype=np.uint8, mode="r+", shape=shape)
-        start = 0
+        start, crc = 0, 0
         for batch in tqdm(loader, desc="decode images (once)", disable=not progress,
                           unit="batch"):
-            array[start:start + len(batch)] = batch.numpy()
+            pixels = np.ascontiguousarray(batch.numpy())
+            array[start:start + len(batch)] = pixels
+            crc = _crc32(pixels, crc)  # batches arrive in file order: no second pass
             start += len(batch)
         array.flush()
         del array
-        _write_record(file, temp, {"images": len(paths), "shape": list(shape),
-                                   "image_size": image_size})
+        _write_record(file, temp, crc, {"images": len(paths), "shape": list(shape),
+                                        "image_size": image_size})
 
 
 def images_for(files: list[str], image_size: int, progress: bool = True) -> ImageCache:
@@ -206,10 +206,10 @@ def array_for(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
     from retrieval.workspace import cache_dir
 
     file = cache_dir() / "arrays" / f"{name}.npy"
-    problem = _problem(file)
+    problem, crc = _problem(file)
     if problem is None:
         data = file.read_bytes()
-        problem = _checked(file, data)
+        problem = _checked(data, crc)
         if problem is None:
             try:  # allow_pickle=False: a cache file holding pickled objects is refused, not run
                 return np.load(io.BytesIO(data), allow_pickle=False)
@@ -218,8 +218,9 @@ def array_for(name: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
     if problem != "absent":
         _warn_rebuild("array cache", file, problem)
     array = compute()
+    buffer = io.BytesIO()
+    np.save(buffer, array)
     with atomic_path(file) as temp:
-        with open(temp, "wb") as stream:
-            np.save(stream, array)
-        _write_record(file, temp)
+        temp.write_bytes(buffer.getbuffer())
+        _write_record(file, temp, _crc32(buffer.getbuffer()))
     return array
