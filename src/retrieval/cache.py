@@ -36,7 +36,9 @@ from retrieval.data import load_rgb
 from retrieval.outputs import atomic_path, write_json
 from retrieval.transforms import cache_size, decode_transform
 
-_FORMAT_VERSION = "1"  # bump when decode_transform changes
+# Bump when load_rgb or decode_transform changes what a file decodes to. 2: load_rgb maps
+# 16-bit, 32-bit and float images by rule (issue 16), rounding instead of truncating.
+_FORMAT_VERSION = "2"
 
 
 class _DecodeDataset(Dataset):
