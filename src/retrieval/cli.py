@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import glob
 import os
-import re
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from retrieval import outputs, paths
+from retrieval.config import DEVICE_PATTERN, IMAGE_SIZES
 from retrieval.outputs import UserError
 
 # torch, FAISS and matplotlib load inside the commands, so `retrieval --help` starts at once.
@@ -48,8 +48,6 @@ SHOWN_SIDE = 256  # px: images in the figures are shown at most this big
 # What --output may end in: formats matplotlib writes with the Agg backend and Pillow, no LaTeX
 # (pgf) and no raw buffers (rgba) that no viewer opens.
 FIGURE_FORMATS = ("png", "jpg", "jpeg", "pdf", "svg", "svgz", "eps", "ps", "tif", "tiff", "webp")
-IMAGE_SIZES = (16, 1024)  # --image-size: data.image_size's range (models.IMAGE_SIZES)
-DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 class UsageError(UserError):
@@ -166,7 +164,7 @@ def check_figure_output(path: Path, inputs: tuple[Path, ...]) -> None:
 
 
 def check_device(name: str) -> None:
-    if DEVICE.fullmatch(name) is None:
+    if DEVICE_PATTERN.fullmatch(name) is None:
         raise UserError(f"--device is '{name}': give auto, cpu or cuda[:N]")
 
 

@@ -44,6 +44,8 @@ MAX_BOOTSTRAP = 100_000
 # The softmax temperature of supcon / ntxent: below 0.01 the logits of cosine similarities
 # exceed +-100 and bf16 (or fp32 exp) saturates; above 10 every similarity looks alike.
 TEMPERATURE_RANGE = (0.01, 10.0)
+IMAGE_SIZES = (16, 1024)  # data.image_size, px (also a checkpoint's and `--image-size`)
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")  # device (and `retrieval --device`)
 
 
 def _check_range(value: float, low: float, high: float, key: str) -> None:
@@ -76,8 +78,8 @@ class DataConfig:
     def validate(self, key: str) -> None:
         _check(self.source != "folder" or bool(self.root), f"{key}.root",
                "is empty but data.source is 'folder'; set it to a one-folder-per-class directory")
-        _check(16 <= self.image_size <= 1024, f"{key}.image_size",
-               f"({self.image_size}) must be in [16, 1024]")
+        _check(IMAGE_SIZES[0] <= self.image_size <= IMAGE_SIZES[1], f"{key}.image_size",
+               f"({self.image_size}) must be in [{IMAGE_SIZES[0]}, {IMAGE_SIZES[1]}]")
         self.synthetic.validate(f"{key}.synthetic")
 
 
@@ -333,7 +335,7 @@ class Params:
     def validate(self, key: str = "") -> None:
         _check(0 < self.lr < 10, "lr", f"({self.lr}) must be in (0, 10)")
         _check_range(self.seed, 0, MAX_SEED, "seed")
-        _check(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None,
+        _check(DEVICE_PATTERN.fullmatch(self.device) is not None,
                "device", f"('{self.device}') must be auto, cpu or cuda[:N]")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)

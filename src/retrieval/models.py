@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from retrieval.config import ModelConfig, ParamsError
+from retrieval.config import IMAGE_SIZES, ModelConfig, ParamsError
 from retrieval.config import _build as build_config
 from retrieval.outputs import UserError
 from retrieval.transforms import NORMALIZATIONS, Normalization
@@ -391,7 +391,6 @@ class CheckpointError(UserError):
 # The model_config's sizes are bounded by ModelConfig.validate (config.MAX_DIM, ...): a corrupted
 # or hand-edited checkpoint (embedding_dim 10**9) is refused before EmbeddingNet allocates.
 MAX_CLASSES = 10_000  # num_classes: the cross-entropy classifier's outputs
-IMAGE_SIZES = (16, 1024)  # data.image_size's range in params.yaml (config.DataConfig)
 
 RECREATE = "re-create it with `dvc repro` or pass another checkpoint"
 
