@@ -326,16 +326,21 @@ def index_folder(root: str | Path, masks_root: str | Path | None = None) -> Inde
                        mask_report.missing, mask_report.mismatched, counts)
 
 
+def content_hash(path: str | Path) -> str:
+    """Hex digest of a file's bytes: the identity of an image for duplicate detection here and
+    for "the query itself" in `retrieval search`, whatever its path."""
+    return hashlib.blake2b(Path(path).read_bytes(), digest_size=16).hexdigest()
+
+
 def duplicate_reasons(candidates: list[_Candidate]) -> dict[str, str]:
     """{relative path: reason} of the images the duplicate rule excludes.
 
     Identity is the file's bytes (a hash), so symlinks, hardlinks and copies are all caught; the
     reason says "same file" when both paths lead to one inode, "same content" otherwise.
     """
-    groups: dict[bytes, list[_Candidate]] = {}
+    groups: dict[str, list[_Candidate]] = {}
     for candidate in candidates:
-        digest = hashlib.blake2b(candidate.path.read_bytes(), digest_size=16).digest()
-        groups.setdefault(digest, []).append(candidate)
+        groups.setdefault(content_hash(candidate.path), []).append(candidate)
     reasons = {}
     for group in (g for g in groups.values() if len(g) > 1):
         if len({c.label for c in group}) > 1:
