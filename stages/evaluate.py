@@ -8,11 +8,15 @@ model) serves `retrieval search`.
 
 Reads:  params seed, precision, device, data.image_size, evaluate; data/split.csv, data/prepared,
         models/<stage>/best.pt of the stages the models need (train_frozen, train_unfrozen)
-Writes: data/eval/{pairs,queries,gallery}.csv, data/embeddings/<model>.npz,
+Writes: data/eval/{pairs,queries,gallery,per_query}.csv (per_query: the searched model's
+        test queries, failures first), data/embeddings/<model>.npz,
         data/index/gallery.{faiss,csv,json}, metrics/evaluate.json,
         metrics/timing/evaluate.json, plots/evaluate/ (roc.csv, comparison.csv/.md,
         per_class_precision_at_1.csv, classification_report.txt/.json and the figures, among
-        them similarity.png: cosine similarity of same- vs different-class test pairs)
+        them similarity.png: cosine similarity of same- vs different-class test pairs, and
+        retrieval.html: every query with its neighbours, failures first);
+        MLflow: the gallery index, and a new version of the registered model (its checkpoint
+        as train_unfrozen logged it), tagged with the git commit, DVC experiment and test mAP
 """
 
 import time
@@ -28,6 +32,8 @@ from retrieval import (
     models,
     outputs,
     paths,
+    publish,
+    retrieval_view,
     runtime,
     search,
     tracking,
@@ -92,10 +98,20 @@ def main() -> None:
         timing = {"embed_seconds": embed_seconds, "images_embedded": len(rows),
                   "images_per_second": len(rows) / max(embed_seconds, 1e-9),
                   "evaluate_seconds": time.perf_counter() - started}
+        view = retrieval_view.of_model(compared.SEARCHED, results[compared.SEARCHED],
+                                       scores[compared.SEARCHED], queries, gallery, images, cfg)
+        outputs.write_csv(paths.EVAL / "per_query.csv", view.worst_first)
+        outputs.write_text(PLOTS / "retrieval.html", view.page)
         outputs.write_json(paths.timing(STAGE), timing)
         run.log_metrics(evaluation.flat_metrics(scores), to_parent=True)
         run.log_metrics(timing)
         run.log_artifact(PLOTS)
+        run.log_artifact(paths.GALLERY_INDEX.parent, "index")
+        if params.tracking.log_models:
+            writer = compared.compared_model(compared.SEARCHED).checkpoint
+            version = publish.register_checkpoint(
+                run, CHECKPOINTS[writer], writer, scores[compared.SEARCHED]["map"], images, rows)
+            print(f"registered {tracking.REGISTERED_MODEL} version {version}")
         print(markdown)
 
 

@@ -49,6 +49,7 @@ def main() -> None:
         with outputs.atomic_path(OUT / "Report.pdf") as temp:
             report.render_pdf(sections, run_info, temp)
         run.log_artifact(OUT, STAGE)
+        run.link_on_parent("Report", f"{STAGE}/report.html")
         print(f"wrote {OUT / 'report.html'}, {OUT / 'Report.pdf'}, {OUT / 'report.md'}")
 
 

@@ -21,6 +21,7 @@ from retrieval import (
     models,
     outputs,
     paths,
+    publish,
     runtime,
     tracking,
     training,
@@ -79,6 +80,8 @@ def main() -> None:
                               f"{STAGE}: {t.loss} loss, backbone frozen", run,
                               {"pretrained_weights": pretrained})
         run.set_tags({"pretrained_weights": pretrained})
+        if params.tracking.log_models:
+            publish.log_checkpoint(run, paths.checkpoint(STAGE), images, split.val_idx, STAGE)
 
 
 if __name__ == "__main__":

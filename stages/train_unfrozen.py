@@ -23,6 +23,7 @@ from retrieval import (
     models,
     outputs,
     paths,
+    publish,
     runtime,
     tracking,
     training,
@@ -79,6 +80,9 @@ def main() -> None:
             training.finish_stage(STAGE, paths.checkpoint(STAGE), net, result, split, size,
                                   f"{STAGE}: {t.loss} loss, backbone from {u.unfreeze_from}",
                                   run, {"pretrained_weights": params.model.weights != "none"})
+            if params.tracking.log_models:
+                publish.log_checkpoint(run, paths.checkpoint(STAGE), images, split.val_idx,
+                                       STAGE)
     runtime.shutdown_distributed()
 
 

@@ -245,9 +245,13 @@ class EvaluateConfig:
     max_rank: int = 1000
     bootstrap: int = 1000  # resamples for the 95% confidence intervals; 0 = none
     examples: int = 6  # queries shown in the example and worst-query figures
+    view_queries: int = 100  # queries in the HTML retrieval view, failures first; 0 = all
+    view_k: int = 8  # neighbours shown per query there
 
     def validate(self, key: str) -> None:
         _check_range(self.test_pairs, 2, MAX_EVAL_PAIRS, f"{key}.test_pairs")
+        _check_range(self.view_queries, 0, 100_000, f"{key}.view_queries")
+        _check_range(self.view_k, 1, 10, f"{key}.view_k")
         _check_range(self.val_pairs, 2, MAX_EVAL_PAIRS, f"{key}.val_pairs")
         _check(self.max_rank >= 10, f"{key}.max_rank", f"({self.max_rank}) must be >= 10")
         _check_range(self.bootstrap, 0, MAX_BOOTSTRAP, f"{key}.bootstrap")
@@ -307,6 +311,9 @@ class TrackingConfig:
     # mlruns/ store instead (the runs can be imported into the server later)
     unreachable: Literal["fail", "local"] = "fail"
     timeout_s: float = 5.0  # how long to wait for the server before deciding it is unreachable
+    # Log each trained network as an MLflow model and register the fine-tuned one (about 5 s a
+    # model); tests that never load them turn it off.
+    log_models: bool = True
 
     def validate(self, key: str) -> None:
         _check(0 < self.timeout_s <= 120, f"{key}.timeout_s",

@@ -16,6 +16,14 @@ from retrieval import runtime, transforms
 from retrieval.cache import ImageCache
 
 
+def model_inputs(images: ImageCache, indices: np.ndarray, image_size: int,
+                 normalization: transforms.Normalization) -> torch.Tensor:
+    """The model's input (B, 3, s, s) float32 on the CPU for cached images: what ``run_batched``
+    feeds the network (an MLflow input example, an export check)."""
+    crop = transforms.eval_crop(image_size)
+    return runtime.model_input(crop(images.batch(indices)), torch.device("cpu"), normalization)
+
+
 def run_batched(function: Callable[[torch.Tensor], torch.Tensor], images: ImageCache,
                 indices: np.ndarray, image_size: int, device: torch.device, precision: str,
                 normalization: transforms.Normalization, batch_size: int = 64,

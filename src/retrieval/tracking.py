@@ -36,6 +36,8 @@ from retrieval.outputs import StorageError, UserError, preflight
 from retrieval.workspace import project_root
 
 EXPERIMENT_NAME = "retrieval"
+# The registered model: one version per pipeline execution that evaluates a fine-tuned network.
+REGISTERED_MODEL = "retrieval-embedding"
 T = TypeVar("T")
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
@@ -208,12 +210,13 @@ class StageRun:
     fails in one line if the local store vanished or refused the write."""
 
     def __init__(self, mlflow_module: Any, run_id: str, parent_id: str, stage: str,
-                 watch: _StoreWatch | None = None):
+                 watch: _StoreWatch | None = None, experiment_id: str = ""):
         self._mlflow = mlflow_module
         self._client = mlflow_module.MlflowClient()
         self.run_id = run_id
         self.parent_id = parent_id
         self.stage = stage
+        self.experiment_id = experiment_id
         self._watch = watch
 
     def _call(self, call: Callable[[], T]) -> T:
@@ -252,6 +255,68 @@ class StageRun:
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._call(lambda: self._mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
+    def log_model(self, net: Any, example: Any, tags: dict[str, Any]) -> str:
+        """``net`` (fp32, on the CPU, in eval mode) as this run's MLflow PyTorch model "model";
+        returns its ``models:/`` URI.
+
+        Saved in torch.export's pt2 format: it loads with torch alone, neither this package nor
+        unpickling needed. The signature is images (-1, 3, s, s) -> embedding (-1, D), inferred
+        from ``example``: at least two real preprocessed images, because an example batch of one
+        would fix the batch axis of the exported graph to 1.
+        """
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        with torch.inference_mode():
+            embedding = net(torch.from_numpy(example)).float().numpy()
+        signature = infer_signature(example, embedding)
+        info = self._call(lambda: mlflow.pytorch.log_model(
+            net, name="model", signature=signature, input_example=example,
+            pip_requirements=_model_requirements(), serialization_format="pt2",
+            tags={k: str(v) for k, v in tags.items()}))
+        return info.model_uri
+
+    def logged_model(self, tags: dict[str, str]) -> str | None:
+        """The ``models:/`` URI of the newest model of this experiment whose tags include
+        ``tags`` (e.g. the checkpoint's hash), or None."""
+        where = " and ".join(f"tags.`{k}` = {quoted(v)}" for k, v in tags.items())
+        found = self._call(lambda: self._mlflow.search_logged_models(
+            experiment_ids=[self.experiment_id], filter_string=where, max_results=1,
+            order_by=[{"field_name": "creation_time", "ascending": False}],
+            output_format="list"))
+        return f"models:/{found[0].model_id}" if found else None
+
+    def register_model(self, model_uri: str, tags: dict[str, Any]) -> str:
+        """A new version of ``REGISTERED_MODEL`` from ``model_uri``, tagged; its version."""
+        version = self._call(lambda: self._mlflow.register_model(
+            model_uri, REGISTERED_MODEL, tags={k: str(v) for k, v in tags.items()}))
+        self._call(lambda: self._client.set_tag(self.run_id, "registered_model",
+                                                f"{REGISTERED_MODEL}/{version.version}"))
+        return str(version.version)
+
+    def link_on_parent(self, title: str, artifact_path: str) -> None:
+        """Point the pipeline's parent run at one of this run's artifacts (the report): a tag
+        with its URI and the parent's description, which the MLflow UI shows as markdown."""
+        uri = self._call(lambda: self._mlflow.get_artifact_uri(artifact_path))
+        page = (f"#/experiments/{self.experiment_id}/runs/{self.run_id}/artifacts/"
+                f"{artifact_path}")
+        note = f"{title}: [{artifact_path}]({page}) (run `{self.stage}`; file `{uri}`)"
+        self._call(lambda: self._client.set_tag(self.parent_id, "report", uri))
+        self._call(lambda: self._client.set_tag(self.parent_id, "mlflow.note.content", note))
+
+
+def _model_requirements() -> list[str]:
+    """What loading a logged model needs: torch, pinned as requirements.txt pins it."""
+    import torch
+
+    pinned = project_root() / "requirements.txt"
+    if pinned.is_file():
+        for line in pinned.read_text().splitlines():
+            if line.split("#")[0].strip().startswith("torch=="):
+                return [line.split("#")[0].strip()]
+    return [f"torch=={torch.__version__.split('+')[0]}"]
+
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
@@ -288,7 +353,7 @@ def stage_run(stage: str, params: dict[str, Any], all_params: dict[str, Any] | N
     child = opened._call(lambda: mlflow.start_run(run_name=stage, nested=True,
                                                   experiment_id=experiment,
                                                   tags={**tags, "stage": stage}))
-    run = StageRun(mlflow, child.info.run_id, parent_id, stage, watch)
+    run = StageRun(mlflow, child.info.run_id, parent_id, stage, watch, experiment)
     try:
         run._call(lambda: mlflow.log_params({k: _param(v) for k, v in params.items()}))
         yield run
