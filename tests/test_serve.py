@@ -119,6 +119,14 @@ def browser():
         launched.close()
 
 
+@pytest.fixture
+def page(browser):
+    opened = browser.new_page()
+    opened.set_default_timeout(5000)  # a missing element fails in 5 s, not Playwright's 30
+    yield opened
+    opened.close()
+
+
 def texts(locator) -> list[str]:
     return [text.strip() for text in locator.all_inner_texts()]
 
@@ -126,9 +134,8 @@ def texts(locator) -> list[str]:
 # --------------------------------------------------------------------------- in the browser
 
 
-def test_upload_shows_the_neighbours_with_classes_distances_and_decisions(server, browser,
+def test_upload_shows_the_neighbours_with_classes_distances_and_decisions(server, page,
                                                                           gallery):
-    page = browser.new_page()
     page.goto(server + "/")
     assert page.get_by_test_id("example").count() == min(webapp.EXAMPLES, len(gallery.manifest))
     page.get_by_test_id("upload-input").set_input_files(gallery.query_file)
@@ -159,11 +166,9 @@ def test_upload_shows_the_neighbours_with_classes_distances_and_decisions(server
         "images => images.map(image => image.naturalWidth)")
     assert len(widths) == K and all(0 < w <= webapp.THUMBNAIL_SIDE for w in widths)
     assert page.locator("[data-testid=query] img").evaluate("image => image.naturalWidth") > 0
-    page.close()
 
 
-def test_test_queries_page_worst_first_and_link_to_their_results(server, browser, gallery):
-    page = browser.new_page()
+def test_test_queries_page_worst_first_and_link_to_their_results(server, page, gallery):
     page.goto(server + "/queries")
     rows = page.get_by_test_id("query-row")
     assert rows.count() == webapp.QUERIES_PER_PAGE
@@ -189,7 +194,6 @@ def test_test_queries_page_worst_first_and_link_to_their_results(server, browser
     assert cards.count() == K
     assert cards.first.get_by_test_id("path").inner_text() == path
     assert cards.first.get_by_test_id("self-flag").count() == 1
-    page.close()
 
 
 # --------------------------------------------------------------------------- plain HTTP
