@@ -8,6 +8,8 @@
     retrieval segment IMAGES --out MASKS [--masks GT] [--model PATH] [--prototypes NPZ]
                       [--method gradcam] [--binarize otsu]
         a mask per image from the model's saliency, with the library in retrieval.segmentation
+    retrieval serve [--index INDEX] [--model PATH] [--host 127.0.0.1] [--port 8000] [--k 8]
+        a local search page: upload or pick an image, page through the test queries
 
 Run from the repository root (the default paths are relative to it). Every argument is checked
 before any work (``check_compare``, ``check_search``, ``check_segment``): a missing file, a
@@ -32,6 +34,8 @@ from retrieval.outputs import UserError
 
 # torch, FAISS and matplotlib load inside the commands, so `retrieval --help` starts at once.
 if TYPE_CHECKING:
+    import socket
+
     import faiss
     import matplotlib.pyplot as plt
     import numpy as np
@@ -105,6 +109,26 @@ def build_parser() -> argparse.ArgumentParser:
     # Listed here for --help; `run` hands its arguments to segment_parser (built lazily).
     commands.add_parser("segment", help="saliency segmentation of a folder of images (see "
                         "`retrieval segment --help`)", add_help=False)
+
+    serve = commands.add_parser("serve", help="a local search page in the browser",
+                                description="Start a local web page to search the index with "
+                                "an uploaded or picked image and to page through the test "
+                                "queries, worst first (FastAPI + uvicorn).")
+    serve.add_argument("--index", type=Path, default=DEFAULT_INDEX,
+                       help=f"FAISS index to search (default {DEFAULT_INDEX}); its .csv "
+                       "manifest and .json card lie next to it")
+    serve.add_argument("--model", type=Path, default=DEFAULT_MODEL,
+                       help=f"checkpoint the index was built with (default {DEFAULT_MODEL})")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--k", type=int, default=8, help="neighbours per query (default 8)")
+    serve.add_argument("--queries", type=Path, default=DEFAULT_QUERIES,
+                       help=f"evaluate's per-query table, worst first (default "
+                       f"{DEFAULT_QUERIES}); the page says so when it is missing")
+    serve.add_argument("--device", default="cpu",
+                       help="cpu (default; one image at a time needs no GPU), auto or cuda[:N]")
+    serve.set_defaults(handler=serve_command)
     return parser
 
 
@@ -644,3 +668,59 @@ def _truth_scores(masks_dir: Path | None, relative: Path, image: Image.Image, ma
         return {"mask_status": "size differs", "iou": np.nan, "dice": np.nan}
     truth = geometry.align_mask(truth, image_size)
     return {"mask_status": "ok", "iou": cam.iou(mask, truth), "dice": cam.dice(mask, truth)}
+
+
+# --------------------------------------------------------------------------- serve
+# The page itself is retrieval.webapp; FastAPI and uvicorn load only for this command.
+
+DEFAULT_QUERIES = paths.EVAL / "per_query.csv"  # evaluate: the test queries, worst first
+
+
+def check_serve(args: argparse.Namespace) -> None:
+    if args.k < 1:
+        raise UserError(f"--k must be >= 1, found {args.k}")
+    if not 1 <= args.port <= 65535:
+        raise UserError(f"--port must be in [1, 65535], found {args.port}")
+    check_input_file(args.model, "--model file")
+    if args.index.is_dir():
+        raise UserError(f"--index {args.index} is a folder: give the .faiss file (default "
+                        f"{DEFAULT_INDEX})")
+    check_input_file(args.index, "--index file")
+    if args.queries.is_dir():
+        raise UserError(f"--queries {args.queries} is a folder: give evaluate's per-query CSV "
+                        f"(default {DEFAULT_QUERIES})")
+    check_device(args.device)
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before the model loads, so a busy port fails at once."""
+    import socket
+
+    try:
+        info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listener = socket.socket(info[0], socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(info[4])
+        listener.listen()
+    except OSError as error:
+        raise UserError(f"cannot listen on {host}:{port} ({error.strerror or error}): pass "
+                        "another --port or --host") from None
+    return listener
+
+
+def serve_command(args: argparse.Namespace) -> None:
+    check_serve(args)
+    import uvicorn
+
+    from retrieval import webapp
+
+    listener = bind(args.host, args.port)
+    app = webapp.create_app(args.index, args.model, args.queries, args.device, args.k)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"search page: http://{shown_host}:{args.port}/  (Ctrl+C stops it)", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    try:
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C (or SIGTERM) after a clean shutdown
+        pass
+    print("search page stopped")
