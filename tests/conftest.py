@@ -36,6 +36,9 @@ TINY_PARAMS = {
     "evaluate": {"test_pairs": 40, "bootstrap": 50, "examples": 2},
     "embed_viz": {"perplexity": 5.0},
     "gradcam_segment": {"max_images": 12, "overlays": 2},
+    # Logging a model costs ~5 s a stage; the one pipeline that checks them (pipeline_repo)
+    # turns it back on.
+    "tracking": {"log_models": False},
 }
 
 
@@ -122,7 +125,8 @@ def make_repo(destination: Path, mlflow_db: Path, overrides: dict | None = None)
 @pytest.fixture(scope="session")
 def pipeline_repo(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Path) -> Path:
     """A temporary repository where the full tiny pipeline has run once with `dvc repro`."""
-    repo = make_repo(tmp_path_factory.mktemp("pipeline"), mlflow_db_template)
+    repo = make_repo(tmp_path_factory.mktemp("pipeline"), mlflow_db_template,
+                     {"tracking": {"log_models": True}})
     result = run(["dvc", "repro"], cwd=repo)
     (repo / ".first_repro.log").write_text(result.stdout + result.stderr)
     return repo
