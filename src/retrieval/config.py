@@ -301,6 +301,24 @@ class GradcamConfig:
 
 
 @dataclass(frozen=True)
+class ExportConfig:
+    """The export stage: TorchScript and ONNX files of the fine-tuned network, checked against
+    PyTorch on real images before they are written."""
+
+    opset: int = 18  # ONNX opset; torch's exporter writes 18 at the least
+    verify_images: int = 16  # test images every export is compared on (batch N and N x 1)
+    onnx_tolerance: float = 1e-4  # max |embedding difference| to PyTorch fp32
+    torchscript_tolerance: float = 1e-5
+
+    def validate(self, key: str) -> None:
+        _check_range(self.opset, 18, 25, f"{key}.opset")
+        _check_range(self.verify_images, 1, 1024, f"{key}.verify_images")
+        for name in ("onnx_tolerance", "torchscript_tolerance"):
+            value = getattr(self, name)
+            _check(0 < value <= 1, f"{key}.{name}", f"({value:g}) must be in (0, 1]")
+
+
+@dataclass(frozen=True)
 class TrackingConfig:
     """What a stage does when MLFLOW_TRACKING_URI names a server it cannot reach.
 
@@ -338,6 +356,7 @@ class Params:
     embed_viz: EmbedVizConfig = field(default_factory=EmbedVizConfig)
     gradcam_segment: GradcamConfig = field(default_factory=GradcamConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def validate(self, key: str = "") -> None:
         _check(0 < self.lr < 10, "lr", f"({self.lr}) must be in (0, 10)")

@@ -20,6 +20,7 @@ EMBEDDINGS = Path("data/embeddings")  # evaluate: <model>.npz for embed_viz and 
 GALLERY_INDEX = Path("data/index/gallery.faiss")  # evaluate: `retrieval search`'s index
 GRADCAM = Path("data/gradcam")  # gradcam_segment: masks, prototypes, per-image scores
 
+EXPORT = Path("models/export")  # export: embedding.onnx, .torchscript.pt, preprocessing.json
 REPORT = Path("report")  # report: report.html, Report.pdf, report.md and its figures
 METRICS = Path("metrics")
 PLOTS = Path("plots")
