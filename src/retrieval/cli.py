@@ -457,7 +457,7 @@ def search_command(args: argparse.Namespace) -> None:
 
     device = runtime.resolve_device(args.device)
     query = load_image(args.image)
-    found = gallery.load(args.index, rebuild=_rebuild(args.index))
+    found = gallery.load(args.index, rebuild=_rebuild(args.index), base=project_root())
     net, checkpoint = load_model(args.model, device)
     if found.index.d != net.embedding_dim:
         raise UserError(f"{args.index} holds {found.index.d}-d vectors but {args.model} embeds "
@@ -497,7 +497,7 @@ def load_gallery(index_path: Path) -> tuple[pd.DataFrame, faiss.Index]:
     with its card's search parameters set (``gallery.load`` also gives the card)."""
     from retrieval import gallery
 
-    found = gallery.load(index_path, rebuild=_rebuild(index_path))
+    found = gallery.load(index_path, rebuild=_rebuild(index_path), base=project_root())
     return found.manifest, found.index
 
 

@@ -188,9 +188,11 @@ def _check_consistent(gallery: Gallery, index_file: Path) -> None:
                             "come from different builds; rebuild the index")
 
 
-def load(path: str | Path, rebuild: str = "`retrieval index FOLDER --out INDEX`") -> Gallery:
+def load(path: str | Path, rebuild: str = "`retrieval index FOLDER --out INDEX`",
+         base: Path | None = None) -> Gallery:
     """The gallery saved at ``path`` (the .faiss file). ``rebuild`` is what the messages tell
-    the user to run when a file is missing or does not belong to the others."""
+    the user to run when a file is missing or does not belong to the others; relative ``file``
+    entries (evaluate's, relative to the project) are made absolute against ``base``."""
     index_file, manifest_file, card_file = files(path)
     if index_file.is_dir():
         raise UserError(f"index {index_file} is a folder: give the .faiss file")
@@ -207,6 +209,9 @@ def load(path: str | Path, rebuild: str = "`retrieval index FOLDER --out INDEX`"
                                   dtype={"label": str, "content_hash": str})
     manifest = manifest.reindex(columns=[*COLUMNS, *[c for c in manifest.columns
                                                      if c not in COLUMNS]], fill_value="")
+    if base is not None:
+        manifest["file"] = [str(base / f) if f and not Path(f).is_absolute() else f
+                            for f in manifest["file"].astype(str)]
     # A card is optional for a gallery written before cards held the search settings.
     gallery = Gallery(index, manifest, outputs.read_json(card_file) if card_file.is_file()
                       else {})
