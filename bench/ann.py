@@ -194,8 +194,8 @@ def run(quick: bool, workdir: object) -> common.Result:
         row=16, name="ann",
         what="Approximate search (FAISS IVF, `retrieval index --approximate`) vs exact; a "
              "compressed 10^7 gallery",
-        conditions=f"128-d unit vectors from a seeded mixture of {first['clusters']:,} clusters (not uniform "
-                   f"noise); {first['items']:,}: {first['factory']}, {param} "
+        conditions=f"128-d unit vectors from a seeded mixture of {first['clusters']:,} "
+                   f"clusters (not uniform noise); {first['items']:,}: {first['factory']}, {param} "
                    f"tuned on {first['tuning_queries']} queries, measured on "
                    f"{first['queries']} held-out ones, k = {K}; "
                    f"{second['items']:,}: {second['factory']}, built in chunks "
@@ -210,7 +210,23 @@ def run(quick: bool, workdir: object) -> common.Result:
         target=f"≥ {TARGET_SPEEDUP:.0f}× exact QPS at recall@10 ≥ {TARGET_RECALL}; 10^7 within "
                f"{MEMORY_LIMIT_GIB:.0f} GiB peak RSS, recall reported",
         passed=passed, details={"approximate_vs_exact": first, "compressed": second,
-                                "speedup": speedup})
+                                "speedup": speedup},
+        notes=[_notes(first, second)])
+
+
+def _notes(first: dict, second: dict) -> str:
+    sweep = "; ".join(f"nprobe {s['nprobe']}, refine ×{s['k_factor_rf']}: "
+                      f"{s['recall_at_10']:.3f} at {s['qps']:,.0f} QPS" for s in second["sweep"])
+    return (f"{first['items']:,} items: {first['factory']} built (trained and filled) in "
+            f"{first['build_s']:.0f} s; tuning chose {first['search_params']} (recall@10 "
+            f"{first['tuning_recall']:.3f} on the tuning queries, "
+            f"{first['recall_at_10']:.3f} on the held-out ones); exact "
+            f"{first['exact_qps']:,.0f} QPS, approximate {first['approximate_qps']:,.0f} QPS, "
+            f"peak RSS {first['peak_rss_gib']:.2f} GiB. {second['items']:,} items: "
+            f"{second['factory']} trained in {second['train_s']:.0f} s, filled in "
+            f"{second['build_s']:.0f} s (generation included), exact top 10 of the "
+            f"{second['queries']} queries merged on the way in {second['truth_s']:.0f} s; "
+            f"recall@10 against it: {sweep}; peak RSS {second['peak_rss_gib']:.2f} GiB.")
 
 
 if __name__ == "__main__":
