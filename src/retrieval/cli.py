@@ -20,10 +20,10 @@ The default --model, --index and --prototypes are relative to the project root (
 the nearest folder holding dvc.yaml from the current one up, else the checkout this package runs
 from), so they work from any folder; paths you give are relative to the current folder. Every
 argument is checked before any work (``check_compare``, ``check_index``, ``check_search``,
-``check_segment``): a missing file, a
-folder where a file belongs or the reverse, a figure extension matplotlib cannot write, a number
-out of range, a file that is not an image or an unreadable model file ends with a one-line error
-and exit code 2, and nothing is written.
+``check_segment``): a missing file, a folder where a file belongs or the reverse, a figure
+extension matplotlib cannot write, a number out of range, a file that is not an image or an
+unreadable model file ends with a one-line error and exit code 2, and nothing is written. A
+missing default file says where it was looked for and what writes it.
 """
 
 from __future__ import annotations
