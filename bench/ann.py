@@ -37,6 +37,7 @@ TARGET_RECALL, TARGET_SPEEDUP, MEMORY_LIMIT_GIB = 0.95, 10.0, 8.0
 COMPRESSED = "IVF4096,PQ32,Refine(SQ8)"
 COMPRESSED_QUICK = "IVF32,PQ8,Refine(SQ8)"
 TRAINING_SIZE = 262_144
+GRAPH = "HNSW32"  # the graph index `retrieval index --approximate HNSW32` builds
 CHUNK = 500_000
 
 
@@ -100,7 +101,9 @@ def _normalised(x: np.ndarray) -> np.ndarray:
 
 
 def approximate_vs_exact(items: int, tuning: int, queries: int, clusters: int) -> dict:
-    """In this process: exact and tuned IVF search of one gallery, QPS and recall@10."""
+    """In this process: exact search and each tuned approximate index (``GRAPH`` and the IVF
+    that ``search.default_factory`` picks) of one gallery, QPS and recall@10. The row's figure
+    is the faster of the two that reaches the target recall."""
     import faiss
 
     from retrieval import search
@@ -110,25 +113,29 @@ def approximate_vs_exact(items: int, tuning: int, queries: int, clusters: int) -
     tune_q, test_q = mixture.draw(tuning, 10_000), mixture.draw(queries, 10_001)
     exact = faiss.IndexFlatL2(DIM)
     exact.add(gallery)
-    factory = search.default_factory(items)
-    started = time.perf_counter()
-    approximate = search.build_index(gallery, factory, training_size=TRAINING_SIZE)
-    build_s = time.perf_counter() - started
     _, tune_truth = exact.search(tune_q, K)
-    params, tuning_recall = search.tune_search_params(approximate, tune_q, tune_truth,
-                                                      TARGET_RECALL)
-    results = {}
-    times = common.interleaved({
-        "exact": lambda: results.__setitem__("exact", exact.search(test_q, K)[1]),
-        "approximate": lambda: results.__setitem__(
-            "approximate", search.search_index(approximate, test_q, K, params=params)[1]),
-    }, rounds=2)
-    return {"items": items, "queries": queries, "tuning_queries": tuning, "factory": factory,
-            "clusters": clusters,
-            "build_s": build_s, "search_params": params, "tuning_recall": tuning_recall,
-            "recall_at_10": search.recall_at_k(results["approximate"], results["exact"]),
-            "exact_qps": common.rate(queries, times["exact"]),
-            "approximate_qps": common.rate(queries, times["approximate"]), "times": times,
+    indexes, sides, results = [], {}, {}
+    sides["exact"] = lambda: results.__setitem__("exact", exact.search(test_q, K)[1])
+    for factory in (search.default_factory(items), GRAPH):
+        started = time.perf_counter()
+        index = search.build_index(gallery, factory, training_size=TRAINING_SIZE)
+        build_s = time.perf_counter() - started
+        params, tuning_recall = search.tune_search_params(index, tune_q, tune_truth,
+                                                          TARGET_RECALL)
+        indexes.append({"factory": factory, "build_s": build_s, "search_params": params,
+                        "tuning_recall": tuning_recall})
+        sides[factory] = (lambda i=index, f=factory, p=params: results.__setitem__(
+            f, search.search_index(i, test_q, K, params=p)[1]))
+    times = common.interleaved(sides, rounds=2)
+    exact_qps = common.rate(queries, times["exact"])
+    for entry in indexes:
+        entry.update(recall_at_10=search.recall_at_k(results[entry["factory"]],
+                                                     results["exact"]),
+                     qps=common.rate(queries, times[entry["factory"]]),
+                     times=times[entry["factory"]])
+        entry["speedup"] = entry["qps"] / exact_qps
+    return {"items": items, "queries": queries, "tuning_queries": tuning, "clusters": clusters,
+            "exact_qps": exact_qps, "exact_times": times["exact"], "indexes": indexes,
             "peak_rss_gib": common.peak_rss_gib()}
 
 
@@ -198,27 +205,32 @@ def run(quick: bool, workdir: object) -> common.Result:
     else:
         first = _in_process("first", 1_000_000, 1_000, 2_000, 4096)
         second = _in_process("second", 10_000_000, 300, 4096, COMPRESSED, "16,32,64")
-    speedup = first["approximate_qps"] / first["exact_qps"]
+    meeting = [e for e in first["indexes"] if e["recall_at_10"] >= TARGET_RECALL]
+    chosen = max(meeting or first["indexes"], key=lambda e: e["qps"])
     best = max((s for s in second["sweep"]), key=lambda s: (s["recall_at_10"], s["qps"]))
     plain = max((s for s in second["sweep"] if s["k_factor_rf"] == 1),
                 key=lambda s: s["recall_at_10"])
-    passed = (first["recall_at_10"] >= TARGET_RECALL and speedup >= TARGET_SPEEDUP
+    passed = (bool(meeting) and chosen["speedup"] >= TARGET_SPEEDUP
               and second["peak_rss_gib"] <= MEMORY_LIMIT_GIB)
-    param = ", ".join(f"{k} {v}" for k, v in first["search_params"].items())
+    others = "; ".join(f"{e['factory']} {e['speedup']:.1f}× at {e['recall_at_10']:.3f}"
+                       for e in first["indexes"] if e is not chosen)
+    param = ", ".join(f"{k} {v}" for k, v in chosen["search_params"].items())
     return common.Result(
         row=16, name="ann",
         what="Approximate search (FAISS IVF, `retrieval index --approximate`) vs exact; a "
              "compressed 10^7 gallery",
         conditions=f"128-d unit vectors from a seeded mixture of {first['clusters']:,} "
                    f"overlapping clusters, each along its own {Mixture.subspace}-d subspace "
-                   f"(not uniform noise); {first['items']:,}: {first['factory']}, {param} "
-                   f"tuned on {first['tuning_queries']} queries, measured on "
+                   f"(not uniform noise); {first['items']:,}: exact IndexFlatL2 vs "
+                   f"{' and '.join(e['factory'] for e in first['indexes'])}, each tuned on "
+                   f"{first['tuning_queries']} queries, measured on "
                    f"{first['queries']} held-out ones, k = {K}; "
                    f"{second['items']:,}: {second['factory']}, built in chunks "
                    f"of {CHUNK:,}, {second['queries']} queries against the exact top 10",
-        figure=f"{speedup:.0f}× exact QPS ({first['approximate_qps']:,.0f} vs "
-               f"{first['exact_qps']:,.0f}) at recall@10 {first['recall_at_10']:.3f}, build "
-               f"{first['build_s']:.0f} s; {second['items']:,}: recall@10 "
+        figure=f"{chosen['factory']} ({param}): {chosen['speedup']:.1f}× exact QPS "
+               f"({chosen['qps']:,.0f} vs {first['exact_qps']:,.0f}) at recall@10 "
+               f"{chosen['recall_at_10']:.3f}, build {chosen['build_s']:.0f} s ({others}); "
+               f"{second['items']:,}: recall@10 "
                f"{best['recall_at_10']:.3f} at {best['qps']:,.0f} QPS (nprobe "
                f"{best['nprobe']}, refine ×{best['k_factor_rf']}; PQ alone "
                f"{plain['recall_at_10']:.3f}), build {second['train_s'] + second['build_s']:.0f}"
@@ -226,19 +238,20 @@ def run(quick: bool, workdir: object) -> common.Result:
         target=f"≥ {TARGET_SPEEDUP:.0f}× exact QPS at recall@10 ≥ {TARGET_RECALL}; 10^7 within "
                f"{MEMORY_LIMIT_GIB:.0f} GiB peak RSS, recall reported",
         passed=passed, details={"approximate_vs_exact": first, "compressed": second,
-                                "speedup": speedup},
+                                "speedup": chosen["speedup"]},
         notes=[_notes(first, second)])
 
 
 def _notes(first: dict, second: dict) -> str:
     sweep = "; ".join(f"nprobe {s['nprobe']}, refine ×{s['k_factor_rf']}: "
                       f"{s['recall_at_10']:.3f} at {s['qps']:,.0f} QPS" for s in second["sweep"])
-    return (f"{first['items']:,} items: {first['factory']} built (trained and filled) in "
-            f"{first['build_s']:.0f} s; tuning chose {first['search_params']} (recall@10 "
-            f"{first['tuning_recall']:.3f} on the tuning queries, "
-            f"{first['recall_at_10']:.3f} on the held-out ones); exact "
-            f"{first['exact_qps']:,.0f} QPS, approximate {first['approximate_qps']:,.0f} QPS, "
-            f"peak RSS {first['peak_rss_gib']:.2f} GiB. {second['items']:,} items: "
+    indexes = "; ".join(
+        f"{e['factory']} built in {e['build_s']:.0f} s, tuned to {e['search_params']} (recall@10 "
+        f"{e['tuning_recall']:.3f} on the tuning queries, {e['recall_at_10']:.3f} on the "
+        f"held-out ones), {e['qps']:,.0f} QPS = {e['speedup']:.1f}× exact"
+        for e in first["indexes"])
+    return (f"{first['items']:,} items: exact {first['exact_qps']:,.0f} QPS; {indexes}; peak "
+            f"RSS {first['peak_rss_gib']:.2f} GiB. {second['items']:,} items: "
             f"{second['factory']} trained in {second['train_s']:.0f} s, filled in "
             f"{second['build_s']:.0f} s (generation included), exact top 10 of the "
             f"{second['queries']} queries merged on the way in {second['truth_s']:.0f} s; "
