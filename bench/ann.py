@@ -217,7 +217,8 @@ def run(quick: bool, workdir: object) -> common.Result:
     param = ", ".join(f"{k} {v}" for k, v in chosen["search_params"].items())
     return common.Result(
         row=16, name="ann",
-        what="Approximate search (FAISS IVF, `retrieval index --approximate`) vs exact; a "
+        what="Approximate search (FAISS IVF and HNSW, `retrieval index --approximate`) vs "
+             "exact; a "
              "compressed 10^7 gallery",
         conditions=f"128-d unit vectors from a seeded mixture of {first['clusters']:,} "
                    f"overlapping clusters, each along its own {Mixture.subspace}-d subspace "
