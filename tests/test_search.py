@@ -165,3 +165,40 @@ def test_load_bad_file(tmp_path):
 def test_build_index_rejects_an_empty_gallery():
     with pytest.raises(ValueError, match="empty"):
         search.build_index(np.zeros((0, 4), np.float32))
+
+
+# --- approximate indexes --------------------------------------------------------------------
+
+
+def test_default_factory_sizes_ivf_to_the_gallery():
+    assert search.default_factory(10**6) == "IVF4000,Flat"  # 4·sqrt(N)
+    assert search.default_factory(10_000) == "IVF256,Flat"  # N / 39: enough to train
+    assert search.default_factory(600) is None  # fewer than 16 lists: exact instead
+
+
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "HNSW16"])
+def test_tuned_approximate_index_reaches_the_target_recall(factory):
+    gallery, queries = unit_vectors(3000, dim=8), unit_vectors(100, seed=1, dim=8)
+    index = search.build_index(gallery, factory)
+    _, truth = search.knn(queries, gallery, 10)
+    params, recall = search.tune_search_params(index, queries, truth, 0.95)
+    assert recall >= 0.95 and set(params) == {search.search_parameter(index)}
+    _, found = search.search_index(index, queries, 10, params=params)
+    assert search.recall_at_k(found, truth) == pytest.approx(recall)
+
+
+def test_recall_leaves_out_the_query_itself():
+    truth = np.array([[7, 1, 2], [3, 8, 4]])
+    found = np.array([[7, 1, 9], [8, 9, 9]])
+    assert search.recall_at_k(found, truth) == pytest.approx(3 / 6)
+    # Own ids 7 and 8: the others of truth are [1, 2] and [3, 4]; found has 1 of them.
+    assert search.recall_at_k(found, truth, own=np.array([7, 8])) == pytest.approx(1 / 4)
+
+
+@pytest.mark.parametrize(("factory", "size", "message"), [
+    ("IVFzz", 100, "is not usable"),
+    ("IVF64,Flat", 20, "has 64 inverted lists but only 20 vectors"),
+])
+def test_build_index_refuses_a_bad_factory(factory, size, message):
+    with pytest.raises(ValueError, match=message):
+        search.build_index(unit_vectors(size, dim=8), factory)

@@ -2,20 +2,30 @@
 
     retrieval compare IMAGE_A IMAGE_B [--model PATH] [--output compare.png | --show]
         distance, similarity and the same/different decision at the checkpoint's threshold
-    retrieval search IMAGE [--k 8] [--model PATH] [--index data/index/gallery.faiss]
-                     [--output search.png | --show]
-        the k most similar gallery images, from the index that `dvc repro evaluate` saves
+    retrieval index FOLDER --out INDEX.faiss [--model PATH] [--approximate [FACTORY]]
+                    [--target-recall 0.95] [--batch-size 32] [--device cpu]
+        embed every image under FOLDER (recursively) into a searchable gallery: INDEX.faiss,
+        its manifest INDEX.csv and its card INDEX.json (see retrieval.gallery); exact search
+        unless --approximate (FAISS IVF sized for the folder, or any index_factory string)
+    retrieval search IMAGE [-k 8] [--exclude-self] [--model PATH]
+                     [--index data/index/gallery.faiss] [--output search.png | --show]
+        the k most similar gallery images, from an index of `retrieval index` or the test
+        gallery that `dvc repro evaluate` saves; a result with the query's bytes (same content
+        hash) is flagged "the query itself", or dropped with --exclude-self
     retrieval segment IMAGES --out MASKS [--masks GT] [--model PATH] [--prototypes NPZ]
                       [--method gradcam] [--binarize otsu]
         a mask per image from the model's saliency, with the library in retrieval.segmentation
     retrieval serve [--index INDEX] [--model PATH] [--host 127.0.0.1] [--port 8000] [--k 8]
         a local search page: upload or pick an image, page through the test queries
 
-Run from the repository root (the default paths are relative to it). Every argument is checked
-before any work (``check_compare``, ``check_search``, ``check_segment``): a missing file, a
-folder where a file belongs or the reverse, a figure extension matplotlib cannot write, a number
-out of range, a file that is not an image or an unreadable model file ends with a one-line error
-and exit code 2, and nothing is written.
+The default --model, --index and --prototypes are relative to the project root (``project_root``:
+the nearest folder holding dvc.yaml from the current one up, else the checkout this package runs
+from), so they work from any folder; paths you give are relative to the current folder. Every
+argument is checked before any work (``check_compare``, ``check_index``, ``check_search``,
+``check_segment``): a missing file, a folder where a file belongs or the reverse, a figure
+extension matplotlib cannot write, a number out of range, a file that is not an image or an
+unreadable model file ends with a one-line error and exit code 2, and nothing is written. A
+missing default file says where it was looked for and what writes it.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from retrieval import outputs, paths
+from retrieval import outputs, paths, workspace
 from retrieval.config import DEVICE_PATTERN, IMAGE_SIZES
 from retrieval.outputs import UserError
 
@@ -47,6 +57,10 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = paths.checkpoint("train_unfrozen")
 DEFAULT_INDEX = paths.GALLERY_INDEX  # gallery.csv and gallery.json lie next to it
+# What to run when a default file is missing.
+MAKES = {"model": "`dvc repro` (it trains the model)",
+         "index": "`dvc repro evaluate`, or index a folder with `retrieval index FOLDER --out "
+                  "INDEX.faiss` and pass --index INDEX.faiss"}
 RESULTS_PER_ROW = 8
 SHOWN_SIDE = 256  # px: images in the figures are shown at most this big
 # What --output may end in: formats matplotlib writes with the Agg backend and Pillow, no LaTeX
@@ -97,14 +111,48 @@ def build_parser() -> argparse.ArgumentParser:
 
     find = commands.add_parser("search", help="the most similar gallery images",
                                description="Embed a query image and show its nearest gallery "
-                               "images (the index saved by `dvc repro evaluate`).")
+                               "images, from an index that `retrieval index` writes or the test "
+                               "gallery of `dvc repro evaluate`. A result with the same bytes "
+                               "as the query (content hash) is flagged as the query itself. An "
+                               "approximate index is searched with the nprobe/efSearch stored "
+                               "in its card.")
     find.add_argument("image", type=Path, metavar="IMAGE")
-    find.add_argument("--k", type=int, default=8, help="how many results (default 8)")
-    find.add_argument("--index", type=Path, default=DEFAULT_INDEX,
-                      help=f"FAISS index of the gallery (default {DEFAULT_INDEX}); the gallery "
-                      "list is the .csv next to it")
+    find.add_argument("-k", "--k", type=int, default=8, help="how many results (default 8)")
+    find.add_argument("--index", type=Path, default=None,
+                      help=f"the gallery's .faiss file (default {DEFAULT_INDEX} under the "
+                      "project root); its manifest .csv and card .json lie beside it")
+    find.add_argument("--exclude-self", action="store_true",
+                      help="leave out results that are the query itself (same file content)")
     _common(find, "search.png")
     find.set_defaults(handler=search_command)
+
+    index = commands.add_parser(
+        "index", help="index a folder of images for `retrieval search`",
+        description="Embed every image under FOLDER (sub-folders too; other files are listed "
+                    "as skipped) and write INDEX.faiss with its manifest INDEX.csv (path, "
+                    "label: the class sub-folder when every image lies in one, file, content "
+                    "hash) and card INDEX.json (model, index type, search parameters, "
+                    "threshold). Exact search unless --approximate.")
+    index.add_argument("folder", type=Path, metavar="FOLDER")
+    index.add_argument("--out", type=Path, required=True, metavar="INDEX",
+                       help="the index file to write, ending in .faiss")
+    index.add_argument("--model", type=Path, default=None,
+                       help=f"checkpoint (default {DEFAULT_MODEL} under the project root, the "
+                       "fine-tuned model)")
+    index.add_argument("--approximate", nargs="?", const="auto", default=None,
+                       metavar="FACTORY",
+                       help="build an approximate index: alone, FAISS IVF with about "
+                       "4*sqrt(N) lists (exact when the folder is too small to train one); or "
+                       "any faiss.index_factory string, e.g. IVF1024,Flat, HNSW32 or "
+                       "OPQ32,IVF4096,PQ32. Give FOLDER before it.")
+    index.add_argument("--target-recall", type=float, default=0.95,
+                       help="with --approximate: the recall@10 (against exact search, on up to "
+                       "1000 of the folder's images) that the stored nprobe/efSearch must "
+                       "reach (default 0.95)")
+    index.add_argument("--batch-size", type=int, default=32,
+                       help="images embedded at a time (default 32; lower it if out of memory)")
+    index.add_argument("--device", default="cpu", help="cpu (default), auto or cuda[:N]")
+    index.set_defaults(handler=index_command)
 
     # Listed here for --help; `run` hands its arguments to segment_parser (built lazily).
     commands.add_parser("segment", help="saliency segmentation of a folder of images (see "
@@ -133,14 +181,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _common(parser: argparse.ArgumentParser, figure: str) -> None:
-    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL,
-                        help=f"checkpoint (default {DEFAULT_MODEL}, the fine-tuned model)")
+    parser.add_argument("--model", type=Path, default=None,
+                        help=f"checkpoint (default {DEFAULT_MODEL} under the project root, the "
+                        "fine-tuned model)")
     parser.add_argument("--output", type=Path, default=Path(figure),
                         help=f"where to save the figure (default {figure})")
     parser.add_argument("--show", action="store_true",
                         help="open the figure in a window instead of saving it")
     parser.add_argument("--device", default="cpu",
                         help="cpu (default; one image needs no GPU), auto or cuda[:N]")
+
+
+# --------------------------------------------------------------------------- default paths
+
+
+def project_root() -> Path:
+    """Where the default paths live: DVC_ROOT inside a DVC stage, else the nearest folder from
+    the current one up that holds dvc.yaml, else the checkout this package was loaded from (an
+    editable install), else the current folder."""
+    if os.environ.get("DVC_ROOT"):
+        return workspace.project_root()
+    here = Path.cwd()
+    for folder in (here, *here.parents):
+        if (folder / "dvc.yaml").is_file():
+            return folder
+    checkout = Path(__file__).resolve().parents[2]
+    return checkout if (checkout / "dvc.yaml").is_file() else here
+
+
+def default_path(given: Path | None, default: Path, flag: str, made_by: str) -> Path:
+    """``given`` as is; else ``default`` under the project root, which must exist (the error
+    says where it looked and what writes the file)."""
+    if given is not None:
+        return given
+    root = project_root()
+    path = root / default
+    if not path.exists():
+        raise UserError(f"{flag} not given, and its default {path} does not exist (default paths "
+                        f"are relative to the project root {root}): run {made_by} first, or "
+                        f"pass {flag}")
+    return path
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -193,6 +273,7 @@ def check_device(name: str) -> None:
 
 
 def check_compare(args: argparse.Namespace) -> None:
+    args.model = default_path(args.model, DEFAULT_MODEL, "--model", MAKES["model"])
     check_input_file(args.image_a, "image file")
     check_input_file(args.image_b, "image file")
     check_input_file(args.model, "--model file")
@@ -204,13 +285,33 @@ def check_search(args: argparse.Namespace) -> None:
     if args.k < 1:
         raise UserError(f"--k must be >= 1, found {args.k}")
     check_input_file(args.image, "image file")
+    args.model = default_path(args.model, DEFAULT_MODEL, "--model", MAKES["model"])
     check_input_file(args.model, "--model file")
+    args.index = default_path(args.index, DEFAULT_INDEX, "--index", MAKES["index"])
     if args.index.is_dir():
         raise UserError(f"--index {args.index} is a folder: give the .faiss file that "
-                        f"`dvc repro evaluate` saves (default {DEFAULT_INDEX})")
+                        "`retrieval index` or `dvc repro evaluate` writes")
     check_device(args.device)
     check_figure_output(args.output, (args.image, args.model, args.index,
                                       args.index.with_suffix(".csv")))
+
+
+def check_index(args: argparse.Namespace) -> None:
+    """Paths and numbers of `retrieval index`."""
+    from retrieval import gallery
+
+    check_input_folder(args.folder, "images folder")
+    gallery.check_index_path(args.out)
+    if not _existing_ancestor(args.out).is_dir():
+        raise UserError(f"--out {args.out} cannot be created: {_existing_ancestor(args.out)} is "
+                        "a file, not a folder")
+    args.model = default_path(args.model, DEFAULT_MODEL, "--model", MAKES["model"])
+    check_input_file(args.model, "--model file")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not 0 < args.target_recall <= 1:
+        raise UserError(f"--target-recall must be in (0, 1], got {args.target_recall}")
+    check_device(args.device)
 
 
 def check_segment(args: argparse.Namespace) -> None:
@@ -375,59 +476,116 @@ def compare_command(args: argparse.Namespace) -> None:
 
 def search_command(args: argparse.Namespace) -> None:
     check_search(args)
-    from retrieval import runtime, search
+    from retrieval import data, gallery, runtime
     from retrieval.plots import evaluation as evaluation_plots
 
     device = runtime.resolve_device(args.device)
     query = load_image(args.image)
-    gallery, index = load_gallery(args.index)
+    found = gallery.load(args.index, rebuild=_rebuild(args.index), base=project_root())
     net, checkpoint = load_model(args.model, device)
-    if index.d != net.embedding_dim:
-        raise UserError(f"{args.index} holds {index.d}-d vectors but {args.model} embeds to "
-                        f"{net.embedding_dim}-d: pass the model the index was built with "
-                        "(--model) or re-run `dvc repro evaluate`")
+    if found.index.d != net.embedding_dim:
+        raise UserError(f"{args.index} holds {found.index.d}-d vectors but {args.model} embeds "
+                        f"to {net.embedding_dim}-d: pass the model the index was built with "
+                        f"(--model) or rebuild it with {_rebuild(args.index)}")
     _warn_if_other_model(args.index, args.model)
     vector = embed(net, [query], checkpoint["image_size"], device)
-    distances, ids = search.search_index(index, vector, args.k)
-    found = [(d, gallery.iloc[i]) for d, i in zip(distances[0], ids[0], strict=True) if i >= 0]
-    print(f"top {len(found)} of {len(gallery)} gallery images for {args.image}:")
-    for rank, (d, item) in enumerate(found, start=1):
-        print(f"{rank:3d}  distance {d:.4f}  {item['label']:<20}  {item['path']}")
+    results = found.search(vector, args.k, data.content_hash(args.image), args.exclude_self)
+    print(f"top {len(results)} of {len(found.manifest)} gallery images for {args.image}"
+          f"{' (the query itself left out)' if args.exclude_self else ''}:")
+    for hit in results.itertuples():
+        itself = "  (the query itself)" if hit.same_image else ""
+        print(f"{hit.rank:3d}  distance {hit.distance:.4f}  {hit.label:<20}  {hit.path}{itself}")
     on_screen = open_display(args.show)
     query_tile = evaluation_plots.Tile(shown(query), f"query\n{args.image.name[:24]}")
-    tiles = [evaluation_plots.Tile(_gallery_image(item["file"]),
-                                   f"#{rank} {str(item['label'])[:16]}\nd={d:.3f}")
-             for rank, (d, item) in enumerate(found, start=1)]
+    tiles = [evaluation_plots.Tile(_gallery_image(hit.file),
+                                   f"#{hit.rank} {str(hit.label)[:16]}\nd={hit.distance:.3f}"
+                                   + ("\n= the query" if hit.same_image else ""))
+             for hit in results.itertuples()]
     rows = [[query_tile if start == 0 else None, *tiles[start:start + RESULTS_PER_ROW]]
-            for start in range(0, len(tiles), RESULTS_PER_ROW)]
+            for start in range(0, len(tiles), RESULTS_PER_ROW)] or [[query_tile]]
     figure = evaluation_plots.retrieval_grid(
         rows, ["query", *[f"#{i + 1}" for i in range(min(len(tiles), RESULTS_PER_ROW))]],
-        f"The {len(found)} nearest gallery images (Euclidean distance d)", gaps_after=(0,))
+        f"The {len(tiles)} nearest gallery images (Euclidean distance d)", gaps_after=(0,))
     finish(figure, args.output, on_screen)
 
 
-def load_gallery(index_path: Path) -> tuple[pd.DataFrame, faiss.Index]:
-    """The gallery list (path, label, file per index id) and the FAISS index."""
+def _rebuild(index_path: Path) -> str:
+    """What re-creates an index: evaluate's for the test gallery, else `retrieval index`."""
+    if index_path.resolve() == (project_root() / DEFAULT_INDEX).resolve():
+        return "`dvc repro evaluate`"
+    return f"`retrieval index FOLDER --out {index_path}`"
 
+
+def load_gallery(index_path: Path) -> tuple[pd.DataFrame, faiss.Index]:
+    """The gallery manifest (path, label, file, content_hash per index id) and the FAISS index,
+    with its card's search parameters set (``gallery.load`` also gives the card)."""
+    from retrieval import gallery
+
+    found = gallery.load(index_path, rebuild=_rebuild(index_path), base=project_root())
+    return found.manifest, found.index
+
+
+# --------------------------------------------------------------------------- index
+
+
+def index_command(args: argparse.Namespace) -> None:
+    check_index(args)
+    from retrieval import gallery, runtime, search
+
+    device = runtime.resolve_device(args.device)
+    net, checkpoint = load_model(args.model, device)
+    if args.approximate not in (None, "auto"):  # a factory string: refuse a bad one before work
+        try:
+            search.new_index(args.approximate, net.embedding_dim)
+        except ValueError as error:
+            raise UserError(f"--approximate: {error}") from None
+    skipped: list[str] = []
+    vectors, files = [], []
+    for batch in _decoded_batches(args.folder, args.batch_size, skipped):
+        vectors.append(embed(net, [image for _, image in batch], checkpoint["image_size"],
+                             device))
+        files += [args.folder / relative for relative, _ in batch]
+    listed = ", ".join(skipped[:3]) + (", ..." if len(skipped) > 3 else "")
+    if not files:
+        others = f" (only {len(skipped)} other files: {listed})" if skipped else ""
+        raise UserError(f"{args.folder} contains no images Pillow can read{others}: give a "
+                        "folder of images")
+    import numpy as np
+
+    factory = _factory(args.approximate, len(files))
+    built, recall = gallery.build(
+        np.concatenate(vectors), gallery.folder_manifest(args.folder, files), args.model,
+        checkpoint["image_size"], checkpoint.get("threshold"), factory, args.target_recall)
+    gallery.save(built, args.out)
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) that are not images: {listed}", file=sys.stderr)
+    labels = built.manifest["label"]
+    classes = f", {labels.nunique()} classes" if (labels != "").all() else ""
+    params = ", ".join(f"{k} {v}" for k, v in built.card["search_params"].items())
+    how = ("exact search" if factory == search.EXACT else
+           f"{factory}, {params}: recall@10 {recall:.3f} against exact search on "
+           f"{min(len(files), gallery.TUNING_QUERIES)} of the images")
+    if recall < args.target_recall:
+        print(f"warning: no {params.split()[0]} tried reached recall@10 {args.target_recall}; "
+              "the largest is stored", file=sys.stderr)
+    print(f"indexed {len(files)} images{classes} from {args.folder} -> {args.out} ({how})")
+
+
+def _factory(approximate: str | None, items: int) -> str:
+    """The index factory string --approximate asks for, for ``items`` images."""
     from retrieval import search
 
-    if not index_path.is_file():
-        raise UserError(f"no gallery index at {index_path}: run `dvc repro evaluate` first "
-                        "or pass --index")
-    try:
-        index = search.load_index(index_path)
-    except ValueError as error:
-        raise UserError(str(error)) from error
-    listing = index_path.with_suffix(".csv")
-    if not listing.is_file():
-        raise UserError(f"{listing} (the gallery list of {index_path}) does not exist: "
-                        "re-run `dvc repro evaluate`")
-    gallery = outputs.read_table(listing, ("path", "label"), keep_default_na=False,
-                                 dtype={"label": str})
-    if len(gallery) != index.ntotal:
-        raise UserError(f"{listing} lists {len(gallery)} images but {index_path} holds "
-                        f"{index.ntotal}: re-run `dvc repro evaluate`")
-    return gallery, index
+    if approximate is None:
+        return search.EXACT
+    if approximate != "auto":
+        return approximate
+    factory = search.default_factory(items)
+    if factory is None:
+        print(f"note: {items} images are too few to train an approximate (IVF) index; exact "
+              f"search it is (it needs {search.MIN_LISTS * search.TRAINING_PER_LIST} images)",
+              file=sys.stderr)
+        return search.EXACT
+    return factory
 
 
 def _warn_if_other_model(index_path: Path, model_path: Path) -> None:
@@ -516,8 +674,9 @@ def segment_folder(args: argparse.Namespace) -> pd.DataFrame:
 
     check_segment(args)
     images_dir, out = args.images, args.out
-    model_file = args.model or DEFAULT_MODEL
-    explainer_file = args.prototypes or (DEFAULT_PROTOTYPES if args.model is None else None)
+    model_file = default_path(args.model, DEFAULT_MODEL, "--model", MAKES["model"])
+    explainer_file = args.prototypes or (project_root() / DEFAULT_PROTOTYPES
+                                         if args.model is None else None)
     explainer, checkpoint, chosen = explainers.load_explainer(model_file, explainer_file)
     image_size = args.image_size or checkpoint.get("image_size")
     if not image_size:

@@ -9,10 +9,16 @@ same as cosine similarity because d² = 2 − 2·cos. Distances returned everywh
 Euclidean distances (faiss works with squared ones).
 
 ``build_index`` returns the same exact search as a FAISS index that ``save_index``/``load_index``
-persist and ``search_index`` queries (the gallery of `retrieval search`). Search is always exact:
-an approximate index would change the neighbours, and with them the metrics. Measured by hand
-(2 shared CPU cores, faiss-cpu 1.15.1, 10^4 queries, k=10, 128-d unit vectors; peak RSS of the
-whole process, data included)::
+persist and ``search_index`` queries. Exact (``IndexFlatL2``) is the default everywhere, and the
+only search the metrics use: an approximate index would change the neighbours, and with them
+the scores. For a large gallery that `retrieval index --approximate` builds, ``build_index`` also
+takes a ``faiss.index_factory`` string (IVF or HNSW, optionally compressed, e.g. "IVF4096,Flat",
+"HNSW32", "OPQ32,IVF16384,PQ32"); ``default_factory`` picks an IVF size for N items,
+``tune_search_params`` the smallest nprobe (IVF) or efSearch (HNSW) that reaches a target
+recall@k against exact search, and ``search_index(..., params=)`` applies it (the gallery card
+stores it, see retrieval.gallery). Measured by hand for exact search (2 shared CPU cores,
+faiss-cpu 1.15.1, 10^4 queries, k=10, 128-d unit vectors; peak RSS of the whole process, data
+included)::
 
     gallery  search time  peak RSS
     10^4     0.2 s        0.08 GiB
@@ -21,7 +27,8 @@ whole process, data included)::
 
 The 1.02 GiB at 10^6 is the 0.48 GiB gallery plus a temporary of the data generation; the search
 itself adds a few MiB. Batched exact search is BLAS matrix products, which is why it beat HNSW at
-10^5 for 10^4 queries in the same measurements; an IVF index only paid off at 10^6 items.
+10^5 for 10^4 queries in the same measurements; an IVF index pays off from about 10^6 items
+(benchmark row 16, bench/ann.py, has the approximate figures).
 """
 
 from __future__ import annotations
@@ -176,14 +183,138 @@ def iter_knn(
 # --------------------------------------------------------------------------- persistent indexes
 
 
-def build_index(gallery: np.ndarray) -> faiss.Index:
-    """An exact FAISS L2 index (``IndexFlatL2``) over ``gallery`` (N, D); row i gets id i."""
+EXACT = "Flat"  # the factory string of exact search, as the gallery card records it
+# IVF k-means wants about this many training points per list (faiss warns below 39).
+TRAINING_PER_LIST = 39
+MIN_LISTS = 16  # fewer inverted lists than this is no index worth its approximation
+# Tuning candidates, cheapest first: each doubles the work of the one before.
+TUNED = {"nprobe": [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096],
+         "efSearch": [16, 32, 64, 128, 256, 512, 1024, 2048]}
+
+
+def build_index(gallery: np.ndarray, factory: str = EXACT, training_size: int = 262_144,
+                seed: int = 0) -> faiss.Index:
+    """A FAISS L2 index over ``gallery`` (N, D); row i gets id i.
+
+    ``factory`` "Flat" (default): exact ``IndexFlatL2``. Anything else is a
+    ``faiss.index_factory`` string; the index is trained on at most ``training_size`` seeded
+    rows of the gallery (k-means and PQ subsample anyway) before all rows are added. A string
+    FAISS cannot parse, or a gallery too small to train it, is a ValueError.
+    """
     gallery = _as_matrix("gallery", gallery)
     if len(gallery) == 0:
         raise ValueError("gallery is empty: need at least one item to index")
-    index = faiss.IndexFlatL2(gallery.shape[1])
+    if factory == EXACT:
+        index = faiss.IndexFlatL2(gallery.shape[1])
+    else:
+        index = new_index(factory, gallery.shape[1])
+        if not index.is_trained:
+            rows = np.random.default_rng(seed).permutation(len(gallery))[:training_size]
+            train_index(index, gallery[np.sort(rows)], factory)
     index.add(gallery)
     return index
+
+
+def new_index(factory: str, dim: int) -> faiss.Index:
+    """An empty L2 index of ``faiss.index_factory``; a ValueError when FAISS cannot parse it."""
+    try:
+        return faiss.index_factory(dim, factory, faiss.METRIC_L2)
+    except RuntimeError as error:
+        reason = str(error).split(":")[-1].strip() or "not an index_factory string"
+        raise ValueError(f"index factory '{factory}' is not usable for {dim}-d vectors "
+                         f"({reason}): see the faiss wiki, 'The index factory'") from None
+
+
+def train_index(index: faiss.Index, sample: np.ndarray, factory: str) -> None:
+    """Train ``index`` on ``sample``; too few points for its lists is a ValueError."""
+    lists = ivf_lists(index)
+    if lists and len(sample) < lists:
+        raise ValueError(f"index factory '{factory}' has {lists} inverted lists but only "
+                         f"{len(sample)} vectors to train them: use fewer lists or exact search")
+    if lists:
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+        if isinstance(ivf, faiss.IndexIVFPQ):
+            # index_factory turns on polysemous training, a Hamming pre-filter that search
+            # never enables here; it made PQ training 15x slower.
+            ivf.do_polysemous_training = False
+    try:
+        index.train(_as_matrix("training sample", sample, dim=index.d))
+    except RuntimeError as error:
+        raise ValueError(f"index factory '{factory}' cannot be trained on {len(sample)} "
+                         f"vectors: {str(error).splitlines()[0][-160:]}") from None
+
+
+def ivf_lists(index: faiss.Index) -> int:
+    """Number of inverted lists of an IVF index (inside any pre-transform), else 0."""
+    try:
+        return int(faiss.extract_index_ivf(index).nlist)
+    except RuntimeError:
+        return 0
+
+
+def default_factory(items: int) -> str | None:
+    """An IVF index for ``items`` vectors: about 4·sqrt(N) lists (the FAISS guideline), at most
+    N / 39 so that k-means has enough points; None when that leaves fewer than ``MIN_LISTS``
+    lists (exact search is then as fast and has nothing to train)."""
+    lists = min(int(4 * np.sqrt(items)), items // TRAINING_PER_LIST)
+    return f"IVF{lists},Flat" if lists >= MIN_LISTS else None
+
+
+def search_parameter(index: faiss.Index) -> str | None:
+    """The knob that trades speed for recall: "nprobe" (IVF), "efSearch" (HNSW), else None."""
+    if ivf_lists(index):
+        return "nprobe"
+    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform)
+                                 else index)
+    return "efSearch" if isinstance(inner, faiss.IndexHNSW) else None
+
+
+def set_search_params(index: faiss.Index, params: dict) -> None:
+    """Apply {"nprobe": 32} or {"efSearch": 64} (as a gallery card stores them) to ``index``."""
+    space = faiss.ParameterSpace()
+    for name, value in params.items():
+        try:
+            space.set_index_parameter(index, name, int(value))
+        except RuntimeError:
+            raise ValueError(f"search parameter {name}={value} does not apply to this index "
+                             f"({type(index).__name__})") from None
+
+
+def recall_at_k(found: np.ndarray, truth: np.ndarray, own: np.ndarray | None = None) -> float:
+    """Mean share of the exact neighbours ``truth`` (Q, k) that ``found`` (Q, k') also holds.
+
+    ``own`` (Q,): each query's own gallery id when the queries are gallery items; it is dropped
+    from both sides (finding itself is no achievement) and truth's first k - 1 others count.
+    """
+    hits, total = 0, 0
+    for row, (f, t) in enumerate(zip(found, truth, strict=True)):
+        expected, got = t.tolist(), set(f.tolist())
+        if own is not None:
+            expected = [i for i in expected if i != own[row]][:truth.shape[1] - 1]
+            got.discard(int(own[row]))
+        hits += len(got.intersection(expected))
+        total += len(expected)
+    return hits / max(total, 1)
+
+
+def tune_search_params(index: faiss.Index, queries: np.ndarray, truth: np.ndarray,
+                       target: float, own: np.ndarray | None = None) -> tuple[dict, float]:
+    """The cheapest {"nprobe"|"efSearch": value} whose recall of ``queries`` against their exact
+    neighbours ``truth`` (Q, k) reaches ``target`` (``recall_at_k``, with ``own`` ids), and
+    that recall; the largest value tried when none does ({} and 1.0 for an exact index)."""
+    name = search_parameter(index)
+    if name is None:
+        return {}, 1.0
+    candidates = TUNED[name]
+    if name == "nprobe":
+        candidates = [v for v in candidates if v < ivf_lists(index)] + [ivf_lists(index)]
+    for value in candidates:
+        set_search_params(index, {name: value})
+        _, found = search_index(index, queries, truth.shape[1])
+        recall = recall_at_k(found, truth, own)
+        if recall >= target:
+            break
+    return {name: value}, recall
 
 
 def save_index(index: faiss.Index, path: str | os.PathLike) -> None:
@@ -209,11 +340,14 @@ def load_index(path: str | os.PathLike) -> faiss.Index:
 
 
 def search_index(
-    index: faiss.Index, queries: np.ndarray, k: int, chunk_size: int = 4096
+    index: faiss.Index, queries: np.ndarray, k: int, chunk_size: int = 4096,
+    params: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest items in ``index``: ``(distances (Q, k'), indices (Q, k'))``, k' = min(k, N).
 
-    Distances are Euclidean and increasing along each row, as in ``knn``.
+    Distances are Euclidean and increasing along each row, as in ``knn``. ``params`` (e.g. a
+    gallery card's {"nprobe": 32}) are applied first. An approximate index may find fewer than
+    k' items for a query: those columns hold index -1.
     """
     _check_positive("k", k)
     _check_positive("chunk_size", chunk_size)
@@ -225,5 +359,7 @@ def search_index(
     if index.ntotal == 0:
         raise ValueError("the index is empty: build it from a non-empty gallery")
     queries = _as_matrix("queries", queries, dim=index.d)
+    if params:
+        set_search_params(index, params)
     width = min(k, index.ntotal)
     return _gather(_search_chunks(index.search, queries, width, chunk_size), len(queries), width)
