@@ -35,8 +35,11 @@ from retrieval import (
     publish,
     retrieval_view,
     runtime,
-    search,
     tracking,
+    workspace,
+)
+from retrieval import (
+    gallery as gallery_index,
 )
 
 STAGE = "evaluate"
@@ -73,13 +76,15 @@ def main() -> None:
         outputs.write_csv(paths.EVAL / "gallery.csv", gallery)
         for name, vectors in embeddings.items():
             vectors.save(paths.embeddings(name))
-        searched = embeddings[compared.SEARCHED]
-        search.save_index(search.build_index(searched.take(gallery["row"])),
-                          paths.GALLERY_INDEX)
-        outputs.write_csv(paths.GALLERY_INDEX.with_suffix(".csv"), gallery)
-        outputs.write_json(paths.GALLERY_INDEX.with_suffix(".json"), evaluation.index_card(
-            CHECKPOINTS[compared.compared_model(compared.SEARCHED).checkpoint],
-            searched.vectors.shape[1], len(gallery)))
+        # The searched model's test gallery for `retrieval search`/`serve`, deciding "same" at
+        # the threshold chosen here on the val pairs.
+        writer = compared.compared_model(compared.SEARCHED).checkpoint
+        manifest = gallery.assign(content_hash=[data.content_hash(workspace.resolve(f))
+                                                for f in gallery["file"]])
+        saved, _ = gallery_index.build(
+            embeddings[compared.SEARCHED].take(gallery["row"]), manifest, CHECKPOINTS[writer],
+            size, scores[compared.SEARCHED]["threshold"])
+        gallery_index.save(saved, paths.GALLERY_INDEX)
 
         comparison = evaluation.comparison_table(scores)
         report_text, report = evaluation.classification_reports(results)
@@ -108,7 +113,6 @@ def main() -> None:
         run.log_artifact(PLOTS)
         run.log_artifact(paths.GALLERY_INDEX.parent, "index")
         if params.tracking.log_models:
-            writer = compared.compared_model(compared.SEARCHED).checkpoint
             version = publish.register_checkpoint(
                 run, CHECKPOINTS[writer], writer, scores[compared.SEARCHED]["map"], images, rows)
             print(f"registered {tracking.REGISTERED_MODEL} version {version}")

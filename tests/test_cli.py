@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from retrieval import cli, evaluation, models, search
+from retrieval import cli, models, search
+from retrieval import gallery as gallery_files
 from retrieval.config import ModelConfig
 from tests.conftest import call_cli
 from tests.test_segmentation import CLASSES, make_folder, prototypes_file, save_net
@@ -46,7 +47,7 @@ def workspace(tmp_path_factory):
                         torch.device("cpu"))
     search.save_index(search.build_index(vectors), root / "gallery.faiss")
     gallery.to_csv(root / "gallery.csv", index=False)
-    (root / "gallery.json").write_text(pd.Series(evaluation.index_card(
+    (root / "gallery.json").write_text(pd.Series(gallery_files.card(
         root / "model.pt", 8, len(gallery))).to_json())
     (root / "notes.png").write_text("not an image at all")
     (root / "broken.pt").write_bytes(b"\x00\x01 definitely not a checkpoint")

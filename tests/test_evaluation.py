@@ -1,7 +1,6 @@
 """Evaluation: retrieval on toy galleries with hand-worked answers, thresholds from validation,
 pairs and lists that never change, embeddings of a tiny model, tables and figures."""
 
-import hashlib
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -11,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
-from retrieval import compared, evaluation, metrics, models, outputs, search, transforms
+from retrieval import compared, evaluation, metrics, models, search, transforms
 from retrieval.cache import ImageCache
 from retrieval.config import EvaluateConfig, ModelConfig
 from retrieval.outputs import UserError
@@ -400,16 +399,6 @@ def test_figures_are_drawn():
     titled = [ax.get_title() for ax in grid.axes if ax.get_title()]
     assert titled[:2] == ["query", "baseline #1"] and "unfrozen #5" in titled
     plt.close("all")
-
-
-def test_index_card_ties_the_index_to_the_checkpoint(tmp_path):
-    model = tmp_path / "m.pt"
-    model.write_bytes(b"weights")
-    card = evaluation.index_card(model, 8, 12)
-    assert card["dim"] == 8 and card["items"] == 12
-    assert card["model_sha256"] == hashlib.sha256(b"weights").hexdigest()
-    model.write_bytes(b"other weights")
-    assert outputs.file_digest(model) != card["model_sha256"]
 
 
 def test_an_unnormalised_model_is_evaluated_on_its_raw_embedding():

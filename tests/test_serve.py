@@ -19,7 +19,8 @@ import torch
 import uvicorn
 from PIL import Image, ImageDraw
 
-from retrieval import cli, config, data, evaluation, models, search, webapp
+from retrieval import cli, config, data, models, search, webapp
+from retrieval import gallery as gallery_files
 from tests.conftest import call_cli
 
 IMAGE_SIZE = 48
@@ -67,8 +68,8 @@ def gallery(tmp_path_factory):
     below, above = distances[order[SAME - 1]], distances[order[SAME]]
     assert above - below > 1e-3, "the tiny model ties two neighbours: change the images"
     threshold = float((below + above) / 2)
-    card = {**evaluation.index_card(model, vectors.shape[1], len(manifest)), "index": "Flat",
-            "search_params": {}, "image_size": IMAGE_SIZE, "threshold": threshold}
+    card = gallery_files.card(model, vectors.shape[1], len(manifest), image_size=IMAGE_SIZE,
+                        threshold=threshold)
     pd.Series(card).to_json(index.with_suffix(".json"))
 
     queries = root / "per_query.csv"

@@ -487,7 +487,7 @@ def search_command(args: argparse.Namespace) -> None:
         raise UserError(f"{args.index} holds {found.index.d}-d vectors but {args.model} embeds "
                         f"to {net.embedding_dim}-d: pass the model the index was built with "
                         f"(--model) or rebuild it with {_rebuild(args.index)}")
-    _warn_if_other_model(args.index, args.model)
+    warn_if_other_model(args.index, args.model)
     vector = embed(net, [query], checkpoint["image_size"], device)
     results = found.search(vector, args.k, data.content_hash(args.image), args.exclude_self)
     print(f"top {len(results)} of {len(found.manifest)} gallery images for {args.image}"
@@ -588,11 +588,12 @@ def _factory(approximate: str | None, items: int) -> str:
     return factory
 
 
-def _warn_if_other_model(index_path: Path, model_path: Path) -> None:
+def warn_if_other_model(index_path: Path, model_path: Path) -> None:
+    """A warning on stderr when the index card names another checkpoint than ``model_path``."""
     card_path = index_path.with_suffix(".json")
     if not card_path.is_file():
         return
-    from retrieval.evaluation import file_digest
+    from retrieval.outputs import file_digest
 
     card = outputs.read_json(card_path)
     if card.get("model_sha256") not in (None, file_digest(model_path)):

@@ -35,7 +35,7 @@ from retrieval.compared import COMPARED_MODELS, ComparedModel, checkpoints
 from retrieval.config import EvaluateConfig
 from retrieval.embed import run_batched
 from retrieval.models import EmbeddingNet
-from retrieval.outputs import UserError, atomic_path, file_digest, markdown_table, reading
+from retrieval.outputs import UserError, atomic_path, markdown_table, reading
 from retrieval.plots import evaluation as evaluation_plots
 from retrieval.plots.evaluation import Tile
 
@@ -428,13 +428,6 @@ def flat_metrics(results: dict[str, dict]) -> dict[str, float]:
     return {f"{model}.{name}": value for model, scores in results.items()
             for name, value in scores.items()
             if isinstance(value, int | float) and not isinstance(value, bool)}
-
-
-def index_card(model_path: str | Path, dim: int, items: int) -> dict:
-    """What `retrieval search` needs to know about a saved gallery index."""
-    return {"model": Path(model_path).as_posix(), "model_sha256": file_digest(model_path),
-            "dim": dim, "items": items,
-            "distance": "Euclidean between L2-normalised embeddings"}
 
 
 # --------------------------------------------------------------------------- figures

@@ -136,7 +136,7 @@ def load_searcher(index_path: Path, model_path: Path, device: str, k: int) -> Se
     if index.d != net.embedding_dim:
         raise UserError(f"{index_path} holds {index.d}-d vectors but {model_path} embeds to "
                         f"{net.embedding_dim}-d: pass the model the index was built with")
-    cli._warn_if_other_model(index_path, model_path)
+    cli.warn_if_other_model(index_path, model_path)
     card_path = index_path.with_suffix(".json")
     card = outputs.read_json(card_path) if card_path.is_file() else {}
     threshold, source = decision_threshold(card, checkpoint, card_path, model_path)
