@@ -1,5 +1,6 @@
 """Atomic outputs: a file appears whole or not at all, with ordinary permissions."""
 
+import json
 import os
 from pathlib import Path
 
@@ -10,8 +11,10 @@ from retrieval import outputs
 
 def test_atomic_path_moves_into_place_only_on_success_with_umask_permissions(tmp_path):
     target = tmp_path / "sub" / "out.json"
-    outputs.write_json(target, {"a": 1.23456789})
+    outputs.write_json(target, {"a": 1.23456789, "tiny": 6.8312e-7, "nan": float("nan")})
     assert target.read_text().strip().startswith("{") and '"a": 1.234568' in target.read_text()
+    # A difference of 7e-7 (an export against PyTorch) must not read as 0.
+    assert json.loads(target.read_text()) == {"a": 1.234568, "tiny": 6.83e-7, "nan": None}
     umask = os.umask(0o022)
     os.umask(umask)  # read it back (tests only: the library never touches the umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask

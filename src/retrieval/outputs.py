@@ -173,12 +173,17 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "item") and getattr(value, "ndim", 1) == 0:  # numpy / torch scalars
         value = value.item()
     if isinstance(value, float):
-        return round(value, 6) if math.isfinite(value) else None
+        if not math.isfinite(value):
+            return None
+        # Six decimals keep `dvc metrics diff` stable; a value below 1e-3 (an export's
+        # difference from PyTorch, a tiny loss) keeps three significant digits instead of
+        # reading as 0.
+        return round(value, 6) if abs(value) >= 1e-3 else float(f"{value:.3g}")
     return value
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    """Metrics JSON: sorted keys, floats rounded to 6 digits (stable `dvc metrics diff`)."""
+    """Metrics JSON: sorted keys, floats rounded to 6 decimals, or 3 significant digits below 1e-3."""
     with atomic_path(path) as temp:
         temp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
 
