@@ -23,16 +23,21 @@ section) is one registry entry in one of them.
                  NT-Xent (label-free)
     training     the training loop (fit), encoders
     metrics      verification and retrieval metrics, bootstrap CIs
-    search       exact FAISS k-NN and the saved gallery index
+    search       FAISS k-NN: exact, approximate (index_factory) with tuned nprobe/efSearch
+    gallery      an indexed gallery: FAISS index + manifest + card, built from any folder
     compared     COMPARED_MODELS (registry): baseline / frozen / fine-tuned
     evaluation   pair verification and retrieval of the compared models, their tables
+    retrieval_view  the self-contained HTML page of test queries and their top-k
     embed_viz    t-SNE / PCA layouts, silhouettes, kNN accuracy, radial spokes or clusters
     cam          SALIENCY_METHODS (registry), binarisation, IoU and the trivial baselines
     segmentation geometry, explainers, the val-chosen experiment, its summary
     plots        figures: pure functions, data in, matplotlib Figure out
     report       inputs, observations, SECTIONS (registry), one renderer per format
     tracking     the only module that talks to MLflow
-    cli          the `retrieval` command (compare, search, segment)
+    publish      the trained networks as MLflow models; the registry version
+    export       TorchScript and ONNX exports, checked against PyTorch
+    webapp       the search page (FastAPI; templates/)
+    cli          the `retrieval` command (compare, search, index, segment, serve)
 """
 
 __version__ = "0.1.0"
