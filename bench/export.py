@@ -61,14 +61,14 @@ def run(quick: bool, workdir: Path) -> common.Result:
     export.export_onnx(net, size, folder / export.ONNX_FILE, opset=18)
     onnx_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    export.export_torchscript(net, size, folder / export.TORCHSCRIPT_FILE)
+    sha256 = export.export_torchscript(net, size, folder / export.TORCHSCRIPT_FILE)
     torchscript_seconds = time.perf_counter() - started
     threads = torch.get_num_threads()
     session = export.onnx_session(folder / export.ONNX_FILE, threads=threads)
-    scripted = export.load_torchscript(folder / export.TORCHSCRIPT_FILE)
+    scripted = export.load_torchscript(folder / export.TORCHSCRIPT_FILE, sha256)
     differences = export.max_differences(
         net, {"onnx": folder / export.ONNX_FILE, "torchscript": folder / export.TORCHSCRIPT_FILE},
-        inputs[:8])
+        inputs[:8], sha256)
 
     nchw_net = copy.deepcopy(net).eval()  # before prepare_model moves net to channels_last
     pipeline_net = runtime.prepare_model(net, CPU).eval()  # channels_last, as run_batched

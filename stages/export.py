@@ -32,7 +32,8 @@ def main() -> None:
         with outputs.atomic_folder(paths.EXPORT) as folder:
             files = export.export_model(net, checkpoint, checkpoint_path, size, folder,
                                         cfg.opset)
-            differences = export.max_differences(net, files, images)
+            differences = export.max_differences(net, files, images,
+                                                 export.recorded_sha256(folder))
             export.check_tolerances(
                 differences, {"onnx": cfg.onnx_tolerance,
                               "torchscript": cfg.torchscript_tolerance},

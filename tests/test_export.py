@@ -49,8 +49,9 @@ def test_both_exports_match_pytorch_at_any_batch_size(exported, batch):
     with torch.inference_mode():
         reference = net(images).numpy()
     found = {"onnx": export.embed_onnx(export.onnx_session(files["onnx"]), images),
-             "torchscript": export.embed_torch(export.load_torchscript(files["torchscript"]),
-                                               images)}
+             "torchscript": export.embed_torch(export.load_torchscript(
+                 files["torchscript"], export.recorded_sha256(files["torchscript"].parent)),
+                 images)}
     for name, embeddings in found.items():
         assert embeddings.shape == (batch, 16), name
         difference = np.abs(embeddings - reference).max()
@@ -81,7 +82,8 @@ def test_preprocessing_json_states_what_the_pipeline_applies(exported):
 
 def test_max_differences_measures_each_file_and_tolerances_refuse_in_one_line(exported):
     net, _, _, files = exported
-    differences = export.max_differences(net, files, pixels(3, seed=7))
+    differences = export.max_differences(net, files, pixels(3, seed=7),
+                                         export.recorded_sha256(files["onnx"].parent))
     assert set(differences) == {"onnx", "torchscript"}
     assert all(0 <= differences[name] <= TOLERANCE[name] for name in differences)
     export.check_tolerances(differences, TOLERANCE)
@@ -93,6 +95,20 @@ def test_max_differences_measures_each_file_and_tolerances_refuse_in_one_line(ex
     assert "export.torchscript_tolerance" in message and "\n" not in message
     with pytest.raises(export.ExportMismatch, match="onnx export"):
         export.check_tolerances({"onnx": float("nan")}, TOLERANCE)
+
+
+def test_only_the_torchscript_bytes_that_were_exported_are_loaded(exported, tmp_path):
+    """A TorchScript archive runs code when loaded: a file whose bytes are not the ones
+    recorded at export is refused before torch.jit.load sees it."""
+    _, _, _, files = exported
+    recorded = export.recorded_sha256(files["torchscript"].parent)
+    assert recorded == outputs.file_digest(files["torchscript"])
+    swapped = tmp_path / export.TORCHSCRIPT_FILE
+    swapped.write_bytes(files["torchscript"].read_bytes() + b"\0")
+    with pytest.raises(outputs.UserError, match=f"refusing to load {swapped}"):
+        export.load_torchscript(swapped, recorded)
+    with pytest.raises(outputs.UserError, match="does not record"):
+        export.recorded_sha256(tmp_path)
 
 
 def test_the_stage_refuses_a_missing_checkpoint_in_one_line(tmp_path):

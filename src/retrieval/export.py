@@ -26,6 +26,8 @@ from the input's size at run time, at 48, 97 and 160 px, batch 1 and 5: differen
 from __future__ import annotations
 
 import copy
+import hashlib
+import io
 import json
 import warnings
 from pathlib import Path
@@ -68,8 +70,9 @@ def example_input(image_size: int) -> torch.Tensor:
     return torch.zeros(EXAMPLE_BATCH, 3, image_size, image_size)
 
 
-def export_torchscript(net: EmbeddingNet, image_size: int, path: str | Path) -> None:
-    """Write ``net`` as a traced TorchScript module (``torch.jit.load(path)``)."""
+def export_torchscript(net: EmbeddingNet, image_size: int, path: str | Path) -> str:
+    """Write ``net`` as a traced TorchScript module (``torch.jit.load(path)``); the SHA-256 of
+    the bytes written, which ``load_torchscript`` demands."""
     model = _frozen_copy(net)
     with warnings.catch_warnings(), torch.no_grad():
         # The deprecation notices of torch.jit.trace/save: see the module docstring.
@@ -78,8 +81,11 @@ def export_torchscript(net: EmbeddingNet, image_size: int, path: str | Path) -> 
         traced = torch.jit.trace(model, example_input(image_size), check_trace=False)
         # Through a file object: given a path, the archive's inner folder would be named after
         # the (random) temporary file and two identical exports would differ byte for byte.
-        with atomic_path(path) as temp, open(temp, "wb") as stream:
-            torch.jit.save(traced, stream)
+        buffer = io.BytesIO()
+        torch.jit.save(traced, buffer)
+    with atomic_path(path) as temp:
+        temp.write_bytes(buffer.getvalue())
+    return hashlib.sha256(buffer.getvalue()).hexdigest()
 
 
 def export_onnx(net: EmbeddingNet, image_size: int, path: str | Path, opset: int) -> None:
@@ -146,16 +152,27 @@ def write_card(card: dict, path: str | Path) -> None:
 
 def export_model(net: EmbeddingNet, checkpoint: dict, checkpoint_path: str | Path,
                  image_size: int, folder: str | Path, opset: int) -> dict[str, Path]:
-    """Both exports and preprocessing.json into ``folder``; their paths by format (and
-    "preprocessing")."""
+    """Both exports and preprocessing.json (with the TorchScript file's SHA-256) into
+    ``folder``; their paths by format (and "preprocessing")."""
     folder = Path(folder)
     written = {name: folder / file for name, file in FORMATS.items()}
     export_onnx(net, image_size, written["onnx"], opset)
-    export_torchscript(net, image_size, written["torchscript"])
+    sha256 = export_torchscript(net, image_size, written["torchscript"])
     written["preprocessing"] = folder / PREPROCESSING_FILE
-    write_card(preprocessing_card(net, checkpoint, checkpoint_path, image_size, opset),
-               written["preprocessing"])
+    card = preprocessing_card(net, checkpoint, checkpoint_path, image_size, opset)
+    write_card({**card, "torchscript_sha256": sha256}, written["preprocessing"])
     return written
+
+
+def recorded_sha256(folder: str | Path) -> str:
+    """The TorchScript file's SHA-256 as ``export_model`` recorded it in preprocessing.json."""
+    card = Path(folder) / PREPROCESSING_FILE
+    try:
+        return json.loads(card.read_text())["torchscript_sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise UserError(f"{card} does not record the TorchScript file's SHA-256 "
+                        f"({type(error).__name__}): re-create it with `dvc repro --force "
+                        f"export`") from error
 
 
 def verification_images(images: ImageCache, table: pd.DataFrame, count: int,
@@ -168,11 +185,20 @@ def verification_images(images: ImageCache, table: pd.DataFrame, count: int,
     return normalize(eval_crop(image_size)(images.batch(np.unique(chosen))), net.normalization)
 
 
-def load_torchscript(path: str | Path) -> torch.jit.ScriptModule:
+def load_torchscript(path: str | Path, sha256: str) -> torch.jit.ScriptModule:
+    """Load a TorchScript file this project exported, refusing any other bytes. A TorchScript
+    archive carries code (its graph) and pickled constants, so it is only opened when its
+    SHA-256 is the one recorded when it was written (``export_torchscript``'s return value);
+    the checked bytes are the ones loaded."""
+    data = Path(path).read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise UserError(f"refusing to load {path}: its SHA-256 is not the one recorded when it "
+                        f"was exported (a TorchScript file runs code when loaded); re-create "
+                        f"it with `dvc repro --force export`")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r".*torch\.jit.*deprecated",
                                 category=FutureWarning)
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        return torch.jit.load(io.BytesIO(data), map_location="cpu").eval()
 
 
 def onnx_session(path: str | Path, threads: int = 0) -> Any:
@@ -195,13 +221,14 @@ def embed_onnx(session: Any, images: torch.Tensor | np.ndarray) -> np.ndarray:
                                                                         dtype=np.float32)})[0]
 
 
-def max_differences(net: EmbeddingNet, files: dict[str, Path], images: torch.Tensor
-                    ) -> dict[str, float]:
+def max_differences(net: EmbeddingNet, files: dict[str, Path], images: torch.Tensor,
+                    torchscript_sha256: str) -> dict[str, float]:
     """Max |embedding difference| of each exported file against ``net`` in float32 on
     ``images`` (normalised, (N, 3, S, S)), run as one batch of N and as N batches of one:
     the dynamic batch axis at two sizes, neither of them the example's."""
     reference = embed_torch(_frozen_copy(net), images)
-    session, module = onnx_session(files["onnx"]), load_torchscript(files["torchscript"])
+    session = onnx_session(files["onnx"])
+    module = load_torchscript(files["torchscript"], torchscript_sha256)
     runners = {"onnx": lambda x: embed_onnx(session, x),
                "torchscript": lambda x: embed_torch(module, x)}
     found = {}

@@ -183,7 +183,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def write_json(path: str | Path, data: dict) -> None:
-    """Metrics JSON: sorted keys, floats rounded to 6 decimals, or 3 significant digits below 1e-3."""
+    """Metrics JSON: sorted keys, floats rounded to 6 decimals (3 significant digits below
+    1e-3)."""
     with atomic_path(path) as temp:
         temp.write_text(json.dumps(_jsonable(data), indent=2, sort_keys=True) + "\n")
 

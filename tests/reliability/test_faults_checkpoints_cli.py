@@ -269,7 +269,7 @@ BAD_ARGUMENTS = [
     pytest.param(lambda ws, out: search_args(ws, out, **{"--k": 0}), ("--k must be >= 1",),
                  id="search-k-0"),
     pytest.param(lambda ws, out: search_args(ws, out, **{"--k": "ten"}),
-                 ("retrieval search: argument --k: invalid int value: 'ten'",),
+                 ("retrieval search: argument -k/--k: invalid int value: 'ten'",),
                  id="search-k-not-a-number"),
     pytest.param(lambda ws, out: search_args(ws, out, **{"--index": a_folder(out, "index")}),
                  ("--index", "is a folder", ".faiss"), id="search-index-is-a-folder"),

@@ -143,10 +143,16 @@ def unsafe_calls(tree: ast.AST) -> list[tuple[int, str]]:
     return found
 
 
+# The one reviewed exception: export.load_torchscript opens only bytes whose SHA-256 is the
+# one recorded when this project wrote them (tests/test_export.py checks the refusal).
+ALLOWED = {("src/retrieval/export.py", "torch.jit.load")}
+
+
 def test_no_code_in_the_project_loads_data_files_unsafely():
     problems = [f"{path.relative_to(REPO)}:{line}: {what}"
                 for path in python_files()
-                for line, what in unsafe_calls(ast.parse(path.read_text(), str(path)))]
+                for line, what in unsafe_calls(ast.parse(path.read_text(), str(path)))
+                if (path.relative_to(REPO).as_posix(), what) not in ALLOWED]
     assert not problems, "\n".join(problems)
 
 
