@@ -2,7 +2,10 @@
 
 Store: ``sqlite:///<project>/mlruns/mlflow.db`` with artifacts under ``mlruns/artifacts`` (MLflow 3
 would otherwise put a database in whatever directory a stage runs in, and `dvc exp run --queue`
-runs stages in a temporary copy). ``MLFLOW_TRACKING_URI`` overrides it for a team server.
+runs stages in a temporary copy). MLflow keeps absolute artifact URIs in the database: a copied
+or moved clone repoints them at its own ``mlruns/`` when it opens the store (``_relocate``), so it
+never writes into, or reads from, the first clone. ``MLFLOW_TRACKING_URI`` overrides it for a team
+server.
 
 Grouping: each stage is a nested run under one parent per (DVC experiment or workspace, git
 commit, params). The parent carries every stage's headline metrics prefixed by the stage name
@@ -22,28 +25,36 @@ import http.client
 import logging
 import os
 import random
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
+import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
+from retrieval import paths
 from retrieval.outputs import StorageError, UserError, preflight
 from retrieval.workspace import project_root
 
 EXPERIMENT_NAME = "retrieval"
 # The registered model: one version per pipeline execution that evaluates a fine-tuned network.
 REGISTERED_MODEL = "retrieval-embedding"
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says what it holds.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 T = TypeVar("T")
 
 logging.getLogger("alembic").setLevel(logging.WARNING)
 # MLflow logs each database error with its traceback before raising it: the raised error is
 # what a stage reports (one line for a vanished or read-only store), so the log is noise.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
+# The system metrics monitor says "started", "skip GPU", "stopping", "terminated" at INFO for
+# every stage: four lines of noise a stage in a piped log.
+logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
 
 
 # The server URI this process fell back from (tracking.unreachable: local), else None.
@@ -73,6 +84,57 @@ def _artifact_location() -> str | None:
     if _server_uri():
         return None  # the server decides
     return (local_store() / "artifacts").as_uri()
+
+
+# Where MLflow 3's SQL store keeps absolute artifact URIs (experiments, runs, logged models,
+# registered versions). MLflow has no API to change them; tests/test_tracking.py pins the schema.
+_URI_COLUMNS = (("experiments", "artifact_location"), ("runs", "artifact_uri"),
+                ("logged_models", "artifact_location"), ("model_versions", "storage_location"),
+                ("model_versions", "source"))
+
+
+def _store_prefix(location: str) -> str | None:
+    """The ``.../mlruns/`` folder a local artifact location lies in, spelt as stored (a
+    ``file://`` URI or a plain path); None for a remote one (s3://, mlflow-artifacts:, ...)."""
+    if not location.startswith(("file:", "/")) or "/mlruns/" not in location:
+        return None
+    return location[:location.rindex("/mlruns/") + len("/mlruns/")]
+
+
+def _relocate(db: Path) -> None:
+    """Repoint the store ``db`` (``<project>/mlruns/mlflow.db``) at its own folder when it was
+    copied or moved from another clone: every stored URI under the old ``mlruns/`` moves to this
+    one (the files came along with the copy), and the experiment's new runs go to
+    ``mlruns/artifacts``. One read when nothing moved; a new store has nothing to move."""
+    store = db.parent
+    expected = (store / "artifacts").as_uri()
+    with closing(sqlite3.connect(db, timeout=30)) as connection, connection:
+        try:
+            experiments = connection.execute(
+                "SELECT name, artifact_location FROM experiments").fetchall()
+        except sqlite3.OperationalError:  # MLflow has not created its tables yet
+            return
+        moves = {}
+        for _, location in experiments:
+            old = _store_prefix(location or "")
+            if old is not None:
+                new = (store.as_uri() if old.startswith("file:") else str(store)) + "/"
+                if new != old:
+                    moves[old] = new
+        for old, new in moves.items():
+            for table, column in _URI_COLUMNS:
+                connection.execute(
+                    f"UPDATE {table} SET {column} = ? || substr({column}, ?) "
+                    f"WHERE substr({column}, 1, ?) = ?", (new, len(old) + 1, len(old), old))
+            # The parent run's link to the report (link_on_parent) names the file's URI.
+            connection.execute("UPDATE tags SET value = replace(value, ?, ?) "
+                               "WHERE instr(value, ?) > 0", (old, new, old))
+        for name, location in experiments:
+            # An experiment MLflow created with its default location (<clone>/mlruns/<id>).
+            if name == EXPERIMENT_NAME and _store_prefix(location or "") and \
+                    location != expected:
+                connection.execute("UPDATE experiments SET artifact_location = ? WHERE name = ?",
+                                   (expected, name))
 
 
 def _sqlite_file(uri: str) -> Path | None:
@@ -109,6 +171,9 @@ def _use_store(mlflow: Any, uri: str) -> None:
         os.environ.pop("MLFLOW_TRACKING_URI", None)
     else:
         os.environ["MLFLOW_TRACKING_URI"] = before
+    db = _sqlite_file(uri)
+    if db is not None and _server_uri() is None and db.is_file():
+        _retry(lambda: _relocate(db))
 
 
 def choose_store(all_params: dict[str, Any]) -> None:
@@ -252,6 +317,34 @@ class StageRun:
         elif Path(path).exists():
             self._call(lambda: self._mlflow.log_artifact(str(path), folder))
 
+    def log_dataset(self) -> None:
+        """The prepared dataset as an input of this run and of its parent: named after its
+        source, its DVC hash (dvc.lock, prepare's output ``data/prepared``) as the digest,
+        DVC's size and file count as tags. Nothing when that entry is missing or stale."""
+        entry = dvc_dataset()
+        if entry is None:
+            return
+        import mlflow.data
+        import pandas as pd
+        from mlflow.entities import DatasetInput, InputTag
+
+        card = _read_json(paths.DATASET_JSON)
+        with warnings.catch_warnings():  # "source can be interpreted in multiple ways"
+            warnings.simplefilter("ignore")
+            dataset = mlflow.data.from_pandas(
+                pd.read_csv(paths.INDEX_CSV, keep_default_na=False),
+                source=card.get("root") or str(paths.PREPARED),
+                name=card.get("source") or "prepared", digest=entry["md5"])
+        tags = {"dvc.path": str(paths.PREPARED), "dvc.md5": entry["md5"],
+                "dvc.size": str(entry["size"]), "dvc.nfiles": str(entry["nfiles"]),
+                "mlflow.data.context": self.stage}
+        self._call(lambda: self._client.log_inputs(self.run_id, datasets=[DatasetInput(
+            dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()])]))
+        # MLflow keeps one link per (dataset, run): each stage re-logging it adds nothing.
+        self._call(lambda: self._client.log_inputs(self.parent_id, datasets=[DatasetInput(
+            dataset._to_mlflow_entity(), [InputTag(k, v) for k, v in tags.items()
+                                          if k != "mlflow.data.context"])]))
+
     def set_tags(self, tags: dict[str, Any]) -> None:
         self._call(lambda: self._mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
@@ -306,6 +399,38 @@ class StageRun:
         self._call(lambda: self._client.set_tag(self.parent_id, "mlflow.note.content", note))
 
 
+def _read_json(path: Path) -> dict[str, Any]:
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def dvc_dataset(lock: Path = Path("dvc.lock")) -> dict[str, Any] | None:
+    """``data/prepared`` as DVC recorded it when prepare last ran under DVC: md5 (without
+    ``.dir``), size and nfiles from prepare's ``outs`` in ``lock``. None when the entry is
+    missing or the folder's file count or total size differ from it (prepare ran outside DVC
+    since, or the data changed): a stale hash would misname the data."""
+    import yaml
+
+    try:
+        stages = yaml.safe_load(lock.read_text()).get("stages", {})
+        outs = stages["prepare"]["outs"]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError, yaml.YAMLError):
+        return None
+    entry = next((out for out in outs if isinstance(out, dict)
+                  and Path(str(out.get("path"))) == paths.PREPARED), None)
+    if not entry or not all(k in entry for k in ("md5", "size", "nfiles")):
+        return None
+    files = [f for f in paths.PREPARED.rglob("*") if f.is_file()]
+    if len(files) != entry["nfiles"] or sum(f.stat().st_size for f in files) != entry["size"]:
+        return None
+    return {"md5": str(entry["md5"]).removesuffix(".dir"), "size": int(entry["size"]),
+            "nfiles": int(entry["nfiles"])}
+
+
 def _model_requirements() -> list[str]:
     """What loading a logged model needs: torch, pinned as requirements.txt pins it."""
     import torch
@@ -350,12 +475,17 @@ def stage_run(stage: str, params: dict[str, Any], all_params: dict[str, Any] | N
     parent_id = opened._call(lambda: _find_or_create_parent(mlflow, experiment, group, display,
                                                             tags, all_params))
     opened._call(lambda: mlflow.start_run(run_id=parent_id))
+    # System metrics (CPU, memory, disk, network; GPU with pynvml) every 10 s, from a thread
+    # that end_run stops: a stage shorter than that logs none.
     child = opened._call(lambda: mlflow.start_run(run_name=stage, nested=True,
                                                   experiment_id=experiment,
-                                                  tags={**tags, "stage": stage}))
+                                                  tags={**tags, "stage": stage},
+                                                  log_system_metrics=True))
     run = StageRun(mlflow, child.info.run_id, parent_id, stage, watch, experiment)
     try:
         run._call(lambda: mlflow.log_params({k: _param(v) for k, v in params.items()}))
+        if stage != "prepare":  # prepare writes the dataset: DVC hashes it after the stage
+            run.log_dataset()
         yield run
     except BaseException as error:
         failure = error if isinstance(error, StorageError) else watch.failure(stage, error)
@@ -407,9 +537,13 @@ def quoted(value: str) -> str:
 def _ensure_experiment(mlflow: Any) -> str:
     found = mlflow.get_experiment_by_name(EXPERIMENT_NAME)
     if found is not None:
+        if EXPERIMENT_KIND[0] not in found.tags:  # a store from before the tag (a kind chosen
+            # in the UI stays)
+            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     try:
-        return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=_artifact_location())
+        return mlflow.create_experiment(EXPERIMENT_NAME, artifact_location=_artifact_location(),
+                                        tags=dict([EXPERIMENT_KIND]))
     except Exception:
         # Another experiment process created it first.
         return mlflow.get_experiment_by_name(EXPERIMENT_NAME).experiment_id
