@@ -5,6 +5,8 @@ from __future__ import annotations
 import io
 import sys
 
+import pytest
+
 from retrieval import progress
 from tests.test_training import fit_frozen
 
@@ -95,3 +97,15 @@ def test_a_stage_that_runs_every_epoch_says_so_and_which_epoch_it_kept(tmp_path,
     assert len(lines) == 4  # epochs 0, 1, 2 and the stop line
     assert lines[-1].startswith("training ran all 2 epochs; kept epoch 0 (lowest val loss ")
     assert lines[-1].endswith("the model before training, as no epoch improved on it")
+
+
+@pytest.mark.e2e
+def test_a_piped_dvc_repro_logs_lines_not_bars(pipeline_repo):
+    log = (pipeline_repo / ".first_repro.log").read_text()
+    assert "\r" not in log  # no bar redraws
+    assert len(log.splitlines()) < 300
+    stops = [line for line in log.splitlines() if line.startswith("training ")]
+    assert len(stops) == 2, stops  # train_frozen, train_unfrozen: why it stopped, what it kept
+    assert all(" kept epoch " in line for line in stops)
+    assert log.count("epoch 2/2: train loss ") == 2  # one line per epoch
+    assert "backbone features (once): " in log  # one line per long step
