@@ -30,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
 
 from retrieval.data import load_rgb
 from retrieval.outputs import atomic_path, write_json
+from retrieval.progress import Progress
 from retrieval.transforms import cache_size, decode_transform
 
 # Bump when load_rgb or decode_transform changes what a file decodes to. 2: load_rgb maps
@@ -183,12 +183,14 @@ def _decode_into(file: Path, paths: list[Path], image_size: int, shape: tuple,
         _reserve(temp, int(np.prod(shape)))
         array = np.memmap(temp, dtype=np.uint8, mode="r+", shape=shape)
         start, crc = 0, 0
-        for batch in tqdm(loader, desc="decode images (once)", disable=not progress,
-                          unit="batch"):
-            pixels = np.ascontiguousarray(batch.numpy())
-            array[start:start + len(batch)] = pixels
-            crc = _crc32(pixels, crc)  # batches arrive in file order: no second pass
-            start += len(batch)
+        with Progress(desc="decode images (once)", total=len(paths), unit="image",
+                      disable=not progress) as bar:
+            for batch in loader:
+                pixels = np.ascontiguousarray(batch.numpy())
+                array[start:start + len(batch)] = pixels
+                crc = _crc32(pixels, crc)  # batches arrive in file order: no second pass
+                start += len(batch)
+                bar.update(len(batch))
         array.flush()
         del array
         _write_record(file, temp, crc, {"images": len(paths), "shape": list(shape),

@@ -10,10 +10,10 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from retrieval import runtime, transforms
 from retrieval.cache import ImageCache
+from retrieval.progress import Progress
 
 
 def model_inputs(images: ImageCache, indices: np.ndarray, image_size: int,
@@ -28,15 +28,19 @@ def run_batched(function: Callable[[torch.Tensor], torch.Tensor], images: ImageC
                 indices: np.ndarray, image_size: int, device: torch.device, precision: str,
                 normalization: transforms.Normalization, batch_size: int = 64,
                 desc: str | None = None) -> np.ndarray:
-    """function(normalised images (B, 3, s, s)) for every index, stacked as float32 numpy."""
+    """function(normalised images (B, 3, s, s)) for every index, stacked as float32 numpy.
+    ``desc``: show progress (a bar, or one line in a log) under this name."""
     crop = transforms.eval_crop(image_size)
     outputs = []
-    batches = range(0, len(indices), batch_size)
-    with torch.inference_mode(), runtime.autocast(device, precision):
-        for start in tqdm(batches, desc=desc, disable=desc is None, unit="batch", leave=False):
-            x = runtime.model_input(crop(images.batch(indices[start:start + batch_size])),
-                                    device, normalization)  # (B, 3, s, s) float32
+    with torch.inference_mode(), runtime.autocast(device, precision), \
+            Progress(desc=desc, total=len(indices), unit="image", leave=False,
+                     disable=desc is None) as progress:
+        for start in range(0, len(indices), batch_size):
+            batch = indices[start:start + batch_size]
+            x = runtime.model_input(crop(images.batch(batch)), device,
+                                    normalization)  # (B, 3, s, s) float32
             outputs.append(function(x).float().cpu())
+            progress.update(len(batch))
     if not outputs:
         return np.zeros((0, 0), dtype=np.float32)
     return torch.cat(outputs).numpy()

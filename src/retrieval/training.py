@@ -35,7 +35,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from retrieval import (
     losses,
@@ -43,6 +42,7 @@ from retrieval import (
     models,
     outputs,
     paths,
+    progress,
     rng,
     runtime,
     sampling,
@@ -382,8 +382,8 @@ def load_resume_state(path: Path, expected_fingerprint: str) -> dict | None:
     try:  # weights_only: a resume file holding pickled code is refused, never run
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
-        tqdm.write(f"ignoring the resume checkpoint {path}, which cannot be read safely "
-                   f"({type(error).__name__}): training starts from epoch 1")
+        progress.note(f"ignoring the resume checkpoint {path}, which cannot be read safely "
+                      f"({type(error).__name__}): training starts from epoch 1")
         return None
     if not isinstance(state, dict) or state.get("fingerprint") != expected_fingerprint:
         return None
@@ -473,7 +473,8 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         history, best = resumed["history"], Best.from_state(resumed["best"])
         bad_epochs, images_seen = resumed["bad_epochs"], resumed["images_seen"]
         seconds, start_epoch = resumed["seconds"], resumed["epoch"] + 1
-        print(f"resuming from the checkpoint of epoch {resumed['epoch']} ({resume.path})")
+        progress.note(f"resuming from the checkpoint of epoch {resumed['epoch']} "
+                      f"({resume.path})")
 
     def stop(message: str) -> NonFiniteLossError:
         """A non-finite value ends training: the best weights so far go to disk first."""
@@ -514,11 +515,12 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         row = {"epoch": 0, **validate(), "lr": optimizer.param_groups[0]["lr"]}
         history.append(row)
         best = Best(row["val_loss"], 0, row["threshold"], snapshot())
+        progress.note(epoch_line(row, epochs))
 
     stopped = "epochs"
-    progress = tqdm(range(start_epoch, epochs + 1), desc="epochs", unit="epoch",
-                    disable=not runtime.is_main_process(), initial=start_epoch - 1, total=epochs)
-    for epoch in progress:
+    # On a terminal a bar; in a log the epoch lines below say it all (summary=False).
+    for epoch in progress.Progress(range(start_epoch, epochs + 1), desc="epochs", unit="epoch",
+                                   initial=start_epoch - 1, total=epochs, summary=False):
         if bad_epochs >= cfg.early_stopping_patience:
             stopped = "early_stopping"
             break
@@ -535,8 +537,8 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
         items = work.items[:len(work.items) // world * world][runtime.rank()::world]
         encoder.set_train(True)
         stats = StepStats()
-        for item in tqdm(items, desc=f"epoch {epoch}", unit="step", leave=False,
-                         disable=not runtime.is_main_process()):
+        for item in progress.Progress(items, desc=f"epoch {epoch}", unit="step", leave=False,
+                                      summary=False):
             loss = train_step_loss(spec, loss_fn, net, encoder.project, item, labels, stats)
             if not torch.isfinite(loss):
                 raise stop(
@@ -575,13 +577,14 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
             # back above 0.77 by epoch 7), and stopping in that dip returns the start model.
             bad_epochs += 1
         scheduler.step(val_loss)
+        next_lr = optimizer.param_groups[0]["lr"]  # the scheduler's change, not a callback's
         if on_epoch is not None and runtime.is_main_process():
             on_epoch(epoch, row)
+        progress.note(epoch_line(row, epochs, best=best.epoch == epoch, next_lr=next_lr))
         if row["collapse_alarm"]:
-            tqdm.write(f"warning: epoch {epoch}: embeddings look collapsed (mean val distance "
-                       f"{row['mean_val_pairwise_distance']:.3g}); consider a lower lr")
-        progress.set_postfix(loss=f"{row['train_loss']:.4f}", val=f"{val_loss:.4f}",
-                             acc=f"{row['val_accuracy']:.3f}")
+            progress.note(f"warning: epoch {epoch}: embeddings look collapsed (mean val "
+                          f"distance {row['mean_val_pairwise_distance']:.3g}); consider a "
+                          "lower lr")
         if resume is not None and runtime.is_main_process():
             save_resume_state(resume.path, {
                 "fingerprint": resume.fingerprint, "epoch": epoch,
@@ -593,9 +596,45 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
 
     if resume is not None and runtime.is_main_process():
         resume.path.unlink(missing_ok=True)  # finished: a re-run trains afresh
+    progress.note(stop_line(stopped, history, best.epoch, epochs, bad_epochs,
+                            cfg.early_stopping_patience))
     return FitResult(pd.DataFrame(history), best.epoch, best.loss, _full_state(net, best),
                      best.threshold, stopped, seconds, images_seen,
                      resumed["epoch"] if resumed else 0)
+
+
+def epoch_line(row: dict, epochs: int, *, best: bool = False,
+               next_lr: float | None = None) -> str:
+    """One log line per epoch: 'epoch 3/20: train loss 0.41, val loss 0.39, val accuracy 0.81,
+    lr 0.001, 2.3 s'. Epoch 0 is the model before training (validation only)."""
+    if row["epoch"] == 0:
+        return (f"epoch 0/{epochs} (before training): val loss {row['val_loss']:.4f}, "
+                f"val accuracy {row['val_accuracy']:.3f}")
+    line = (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, "
+            f"val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.3f}, "
+            f"lr {row['lr']:.3g}, {row['epoch_seconds']:.1f} s")
+    if best:
+        line += "  (best so far)"
+    if next_lr is not None and next_lr != row["lr"]:
+        line += f"  (val loss stalled: lr -> {next_lr:.3g})"
+    return line
+
+
+def stop_line(stopped: str, history: list[dict], best_epoch: int, epochs: int,
+              bad_epochs: int, patience: int) -> str:
+    """Why training ended and which epoch's weights were kept (lowest validation loss)."""
+    last = history[-1]["epoch"]
+    if stopped == "early_stopping":
+        why = (f"stopped early after epoch {last}/{epochs}: val loss has not improved for "
+               f"{bad_epochs} epochs (early_stopping_patience {patience})")
+    else:
+        why = f"ran all {epochs} epochs"
+    kept = next(row for row in history if row["epoch"] == best_epoch)
+    which = (f"kept epoch {best_epoch} (lowest val loss {kept['val_loss']:.4f}, "
+             f"val accuracy {kept['val_accuracy']:.3f})")
+    if best_epoch == 0:
+        which += ": the model before training, as no epoch improved on it"
+    return f"training {why}; {which}"
 
 
 def _snapshot_function(net: nn.Module) -> Callable[[], dict[str, torch.Tensor]]:

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from retrieval import cam, data, rng, transforms
 from retrieval.cache import ImageCache
 from retrieval.config import GradcamConfig
+from retrieval.progress import Progress
 from retrieval.segmentation import refine
 from retrieval.segmentation.explainers import Explainer, explain, with_prototypes
 from retrieval.segmentation.geometry import align_mask, oriented_size, restore_mask
@@ -164,7 +164,7 @@ def evaluate(explainers: Sequence[Explainer], images: ImageCache, table: pd.Data
     scores, choices, extremes = [], [], {}
     pairs = [(explainer, method) for explainer in explainers for method in settings.methods]
     computed: dict[tuple[str, str, str], np.ndarray] = {}  # (explainer, split, method) -> maps
-    for explainer, method in tqdm(pairs, desc="saliency", unit="model x method"):
+    for explainer, method in Progress(pairs, desc="saliency (model x method)", unit="combination"):
         if method == settings.methods[0]:  # the previous explainer's maps are no longer needed
             computed.clear()
         # Without validation masks: the first candidates.
