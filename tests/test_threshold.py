@@ -127,3 +127,28 @@ def test_index_card_and_export_record_the_same_threshold(scored, capsys):
     card = export.preprocessing_card(net, checkpoint, copy, IMAGE_SIZE, opset=18)
     assert card["threshold"] == CHECKPOINT_THRESHOLD
     assert card["threshold_source"].startswith("the checkpoint's own")
+
+
+def test_the_report_states_the_threshold_or_why_compare_would_not_find_it(tmp_path):
+    from retrieval import report
+    from retrieval.report import tables
+
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"weights")
+    thresholds.save(thresholds.card(0.8, checkpoint, "unfrozen", 2000, "accuracy"),
+                    thresholds.beside(checkpoint))
+
+    def blocks(reported: float) -> list:
+        inputs = report.Inputs(metrics={"evaluate": {"unfrozen": {"threshold": reported}}},
+                               threshold=thresholds.of_evaluate(checkpoint))
+        return tables.decision_threshold(inputs)
+
+    (text,) = blocks(0.8)
+    assert isinstance(text, report.Text) and "distance <= 0.8000 is" in text.text
+    assert "`retrieval compare`" in text.text and "evaluate's, chosen on 2000" in text.text
+    _, stale = blocks(0.9)  # evaluate.json of another evaluate run
+    assert isinstance(stale, report.Missing) and "0.9000, not 0.8000" in stale.text
+    checkpoint.write_bytes(b"weights retrained since")
+    (missing,) = blocks(0.8)
+    assert isinstance(missing, report.Missing) and "another checkpoint" in missing.text
+    assert tables.decision_threshold(report.Inputs()) == []  # not looked up

@@ -120,8 +120,8 @@ def resolve(checkpoint_path: str | Path, checkpoint: dict[str, Any]) -> Threshol
         return Threshold(None, NONE, f"{Path(checkpoint_path).as_posix()} stores none and "
                                      f"{chosen.source}")
     return Threshold(float(own), CHECKPOINT,
-                     f"the checkpoint's own, chosen during training on its val pairs "
-                     f"(not evaluate's: {chosen.source})")
+                     f"the checkpoint's own, chosen during training on its val pairs; not "
+                     f"evaluate's, as {chosen.source}")
 
 
 def required(threshold: Threshold, checkpoint_path: str | Path) -> float:
