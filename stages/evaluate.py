@@ -10,13 +10,16 @@ Reads:  params seed, precision, device, data.image_size, evaluate; data/split.cs
         models/<stage>/best.pt of the stages the models need (train_frozen, train_unfrozen)
 Writes: data/eval/{pairs,queries,gallery,per_query}.csv (per_query: the searched model's
         test queries, failures first), data/embeddings/<model>.npz,
+        models/<stage>/threshold.json (the decision threshold chosen here on the val pairs for
+        that stage's checkpoint, with its SHA-256: retrieval.threshold),
         data/index/gallery.{faiss,csv,json}, metrics/evaluate.json,
         metrics/timing/evaluate.json, plots/evaluate/ (roc.csv, comparison.csv/.md,
         per_class_precision_at_1.csv, classification_report.txt/.json and the figures, among
         them similarity.png: cosine similarity of same- vs different-class test pairs, and
         retrieval.html: every query with its neighbours, failures first);
         MLflow: the gallery index, and a new version of the registered model (its checkpoint
-        as train_unfrozen logged it), tagged with the git commit, DVC experiment and test mAP
+        as train_unfrozen logged it), tagged with the git commit, DVC experiment, test mAP and
+        the decision threshold chosen here
 """
 
 import time
@@ -35,6 +38,7 @@ from retrieval import (
     publish,
     retrieval_view,
     runtime,
+    threshold,
     tracking,
     workspace,
 )
@@ -76,6 +80,13 @@ def main() -> None:
         outputs.write_csv(paths.EVAL / "gallery.csv", gallery)
         for name, vectors in embeddings.items():
             vectors.save(paths.embeddings(name))
+        # The one decision threshold of each trained checkpoint: `retrieval compare`, the
+        # search page, the export and the report read it from beside the checkpoint.
+        val_pairs = int((pairs["split"] == "val").sum())
+        for name, stage in threshold.saved_models().items():
+            threshold.save(threshold.card(scores[name]["threshold"], CHECKPOINTS[stage], name,
+                                          val_pairs, cfg.threshold_criterion),
+                           paths.threshold(stage))
         # The searched model's test gallery for `retrieval search`/`serve`, deciding "same" at
         # the threshold chosen here on the val pairs.
         writer = compared.compared_model(compared.SEARCHED).checkpoint
@@ -114,7 +125,8 @@ def main() -> None:
         run.log_artifact(paths.GALLERY_INDEX.parent, "index")
         if params.tracking.log_models:
             version = publish.register_checkpoint(
-                run, CHECKPOINTS[writer], writer, scores[compared.SEARCHED]["map"], images, rows)
+                run, CHECKPOINTS[writer], writer, scores[compared.SEARCHED]["map"], images, rows,
+                scores[compared.SEARCHED]["threshold"])
             print(f"registered {tracking.REGISTERED_MODEL} version {version}")
         print(markdown)
 

@@ -4,7 +4,9 @@ Both files are written into a hidden folder, run on real test images against PyT
 float32, and only then moved into place: an export beyond its tolerance stops the stage with a
 one-line error naming the format and the difference, and the previous export stays.
 
-Reads:  params data.image_size, model, export; models/train_unfrozen/best.pt, data/split.csv,
+Reads:  params data.image_size, model, export; models/train_unfrozen/best.pt and
+        threshold.json beside it (evaluate's decision threshold for it: this stage runs after
+        evaluate, so preprocessing.json states the threshold compare uses), data/split.csv,
         data/prepared (the verification images, through the shared image cache)
 Writes: models/export/{embedding.onnx, embedding.torchscript.pt, preprocessing.json},
         metrics/export.json (max |embedding difference| and size of each file); the export

@@ -4,7 +4,9 @@ Sections whose stage has not run say so instead of failing. Run ids and the comp
 experiments come from MLflow; everything else from the files below.
 
 Reads:  params.yaml (all of it, for the configuration section); metrics/<stage>.json,
-        plots/<stage>/ (*.png, history.csv, class_counts.csv), data/prepared/excluded.csv;
+        plots/<stage>/ (*.png, history.csv, class_counts.csv), data/prepared/excluded.csv,
+        models/train_unfrozen/{threshold.json,best.pt} (evaluate's decision threshold, checked
+        against the checkpoint's SHA-256);
         MLflow (this execution's run ids, the other pipeline runs)
 Writes: report/report.html (self-contained), report/Report.pdf, report/report.md with its
         images in report/figures/; logged to MLflow as the report run's artifacts
@@ -13,7 +15,7 @@ Writes: report/report.html (self-contained), report/Report.pdf, report/report.md
 import os
 import shutil
 
-from retrieval import config, outputs, paths, report, tracking
+from retrieval import compared, config, outputs, paths, report, threshold, tracking
 
 STAGE = "report"
 OUT = paths.REPORT
@@ -31,8 +33,11 @@ def main() -> None:
                                   tracking.run_durations(run_ids))
         experiments = report.experiments_table(
             report.on_same_data(tracking.pipeline_runs(), flat), run_info.run_ids.get("pipeline"))
+        # The searched model's threshold as `retrieval compare` finds it for the checkpoint.
+        decision = threshold.of_evaluate(
+            paths.checkpoint(compared.compared_model(compared.SEARCHED).checkpoint))
         inputs = report.load_inputs(paths.METRICS, paths.PLOTS, flat, run_info, experiments,
-                                    paths.EXCLUDED_CSV)
+                                    paths.EXCLUDED_CSV, decision)
         shutil.rmtree(FIGURES, ignore_errors=True)  # figures of a stage that no longer exists
         for key, path in inputs.figures.items():  # report.md and its images travel together
             with outputs.atomic_path(FIGURES / f"{key}.png") as temp:

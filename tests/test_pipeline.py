@@ -95,3 +95,32 @@ def test_exp_run_with_lr_retrains_and_lands_in_the_project_store(pipeline_repo):
     experiments = {v for (v,) in db.execute(
         "select value from tags where key = 'dvc_experiment'").fetchall()}
     assert "lr-3e-3" in experiments
+
+
+def test_one_threshold_from_evaluate_to_compare_export_and_report(pipeline_repo, capsys,
+                                                                    monkeypatch, tmp_path):
+    """evaluate saves its val-chosen threshold beside each trained checkpoint; compare (with the
+    default model), the export's preprocessing.json and the report state that same one."""
+    from retrieval import outputs
+    from tests.conftest import call_cli
+
+    scores = json.loads((pipeline_repo / "metrics" / "evaluate.json").read_text())
+    for model, stage in (("frozen", "train_frozen"), ("unfrozen", "train_unfrozen")):
+        saved = json.loads((pipeline_repo / "models" / stage / "threshold.json").read_text())
+        assert saved["model"] == model and saved["criterion"] in ("accuracy", "f1")
+        assert saved["checkpoint_sha256"] == outputs.file_digest(
+            pipeline_repo / "models" / stage / "best.pt")
+        assert saved["threshold"] == pytest.approx(scores[model]["threshold"], abs=1e-6)
+    value = saved["threshold"]  # the fine-tuned model's
+    card = json.loads((pipeline_repo / "models" / "export" / "preprocessing.json").read_text())
+    assert card["threshold"] == value and card["threshold_source"].startswith("evaluate's")
+    assert f"distance <= {value:.4f} is" in (pipeline_repo / "report" / "report.md").read_text()
+
+    root = pipeline_repo / json.loads(
+        (pipeline_repo / "data" / "prepared" / "dataset.json").read_text())["root"]
+    first, second = sorted(root.rglob("*.png"))[:2]
+    monkeypatch.chdir(pipeline_repo)
+    code, out, err = call_cli(["compare", first, second, "--output",
+                               tmp_path / "pair.png"], capsys)
+    assert code == 0, err
+    assert f"threshold {value:.4f})" in out and "threshold:  evaluate's" in out

@@ -72,6 +72,9 @@ def test_the_registered_model_embeds_like_the_checkpoint(pipeline_repo):
     assert tags["git_commit"] == head
     assert float(tags["test_map"]) == pytest.approx(scores["unfrozen"]["map"], abs=1e-6)
     assert "dvc_experiment" in tags and len(tags["checkpoint_sha256"]) == 64
+    # The version carries evaluate's decision threshold, as saved beside the checkpoint.
+    saved = json.loads((pipeline_repo / "models/train_unfrozen/threshold.json").read_text())
+    assert float(tags["decision_threshold"]) == saved["threshold"]
     assert found["frozen_models"] >= 1  # train_frozen logs its own model too
     assert {"index/gallery.faiss", "index/gallery.csv", "index/gallery.json"} <= set(
         found["evaluate_artifacts"])
@@ -111,7 +114,7 @@ def test_evaluate_registers_the_logged_model_or_logs_one_when_the_store_has_none
         assert run.logged_model(publish.checkpoint_tags(checkpoint)) is None
         first = publish.register_checkpoint(run, checkpoint, "train_unfrozen", 0.25, images, rows)
         second = publish.register_checkpoint(run, checkpoint, "train_unfrozen", 0.5, images,
-                                             rows)
+                                             rows, threshold=0.8125)
     assert (first, second) == ("1", "2")
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
@@ -124,4 +127,6 @@ def test_evaluate_registers_the_logged_model_or_logs_one_when_the_store_has_none
     assert len(logged) == 1  # the second registration found the first's model
     assert {v.source for v in versions} == {f"models:/{logged[0].model_id}"}
     assert sorted(v.tags["test_map"] for v in versions) == ["0.250000", "0.500000"]
+    # evaluate's decision threshold on the version it registers (none given: no tag)
+    assert sorted(v.tags.get("decision_threshold", "") for v in versions) == ["", "0.8125"]
     assert logged[0].tags["image_size"] == "48" and logged[0].tags["threshold"] == "0.7"

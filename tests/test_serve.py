@@ -19,8 +19,9 @@ import torch
 import uvicorn
 from PIL import Image, ImageDraw
 
-from retrieval import cli, config, data, models, search, webapp
+from retrieval import cli, config, data, models, report, search, webapp
 from retrieval import gallery as gallery_files
+from retrieval import threshold as thresholds
 from tests.conftest import call_cli
 
 IMAGE_SIZE = 48
@@ -29,8 +30,9 @@ SHAPES = {"red_square": ((220, 30, 30), "rectangle"), "blue_disc": ((30, 60, 220
           "green_square": ((30, 200, 60), "rectangle")}
 PER_CLASS = 3
 QUERY = "blue_disc/1.png"  # the image the browser uploads
-SAME = 3  # the card's threshold is set so that this many neighbours of QUERY are "same"
-CHECKPOINT_THRESHOLD = 1.9  # differs from the card's: the page must use the card's
+SAME = 3  # evaluate's threshold is set so that this many neighbours of QUERY are "same"
+CHECKPOINT_THRESHOLD = 1.9  # the page must use evaluate's threshold, not the checkpoint's
+CARD_THRESHOLD = 0.0123  # nor the index card's copy
 N_QUERIES = 25  # rows of the per-query table: two pages of 20
 
 
@@ -68,8 +70,11 @@ def gallery(tmp_path_factory):
     below, above = distances[order[SAME - 1]], distances[order[SAME]]
     assert above - below > 1e-3, "the tiny model ties two neighbours: change the images"
     threshold = float((below + above) / 2)
+    # As evaluate saves it: beside the checkpoint, with its SHA-256.
+    thresholds.save(thresholds.card(threshold, model, "unfrozen", 40, "accuracy"),
+                    thresholds.beside(model))
     card = gallery_files.card(model, vectors.shape[1], len(manifest), image_size=IMAGE_SIZE,
-                        threshold=threshold)
+                              threshold=CARD_THRESHOLD)
     pd.Series(card).to_json(index.with_suffix(".json"))
 
     queries = root / "per_query.csv"
@@ -157,9 +162,11 @@ def test_upload_shows_the_neighbours_with_classes_distances_and_decisions(server
     labels = texts(cards.get_by_test_id("label"))
     assert labels[0] == "blue_disc" and set(labels) <= set(SHAPES)
     assert labels == [path.split("/")[0] for path in shown_paths]
-    # Decided at the index card's threshold, not the checkpoint's, and the page says which.
+    # Decided at evaluate's threshold (not the checkpoint's, nor the card's copy), and the page
+    # says which and where from.
     assert page.get_by_test_id("threshold-value").inner_text() == f"{gallery.threshold:.4f}"
-    assert str(gallery.index.with_suffix(".json")) in page.get_by_test_id("threshold").inner_text()
+    source = page.get_by_test_id("threshold-source").inner_text()
+    assert "evaluate's" in source and thresholds.beside(gallery.model).as_posix() in source
     decisions = texts(cards.get_by_test_id("decision"))
     assert decisions == ["same"] * SAME + ["different"] * (K - SAME)
     # The thumbnails are served by /image/{id} and decode in the browser.
@@ -269,13 +276,38 @@ def test_a_gallery_item_can_be_the_query(server, gallery):
 # --------------------------------------------------------------------------- pieces
 
 
-def test_decision_threshold_prefers_the_card_then_the_checkpoint(tmp_path):
-    card, model = tmp_path / "g.json", tmp_path / "m.pt"
-    assert webapp.decision_threshold({"threshold": 0.4}, {"threshold": 0.9}, card, model) == (
-        0.4, f"the index card {card}")
-    value, source = webapp.decision_threshold({}, {"threshold": 0.9}, card, model)
-    assert value == 0.9 and source.startswith(f"the checkpoint {model}")
-    assert webapp.decision_threshold({"threshold": None}, {}, card, model)[0] is None
+def test_compare_the_report_and_the_search_page_agree_on_the_threshold(server, gallery,
+                                                                     capsys, tmp_path):
+    """One threshold: `retrieval compare`, the report and the search page decide with the same
+    one for the same checkpoint (evaluate's, saved beside it), and reach the same decisions."""
+    query = gallery.manifest.index[gallery.manifest["path"] == QUERY][0]
+    status, page = fetch(f"{server}/search?id={query}")
+    assert status == 200
+    shown = re.search(r'data-testid="threshold-value">([0-9.]+)<', page).group(1)
+    paths = re.findall(r'data-testid="path">([^<]+)<', page)
+    decisions = re.findall(r'data-testid="decision" class="(\w+)"', page)
+    assert len(paths) == len(decisions) == K
+
+    compared = {}
+    for path, decision in zip(paths, decisions, strict=True):
+        other = gallery.manifest["file"][gallery.manifest["path"] == path].iloc[0]
+        code, out, _ = call_cli(["compare", gallery.query_file, other, "--model", gallery.model,
+                                 "--output", tmp_path / "pair.png"], capsys)
+        assert code == 0, out
+        said = re.search(r"decision: +(same class|different classes) +\(same when distance <= "
+                         r"threshold ([0-9.]+)\)", out)
+        assert said.group(2) == shown, out
+        assert "threshold:  evaluate's" in out
+        compared[path] = "same" if said.group(1) == "same class" else "different"
+        assert compared[path] == decision, (path, out)
+    assert list(compared.values()) == ["same"] * SAME + ["different"] * (K - SAME)
+
+    inputs = report.Inputs(metrics={"evaluate": {"unfrozen": {"threshold": gallery.threshold}}},
+                           threshold=thresholds.of_evaluate(gallery.model))
+    section = next(s for s in report.build_sections(inputs) if s.id == "verification")
+    text = " ".join(block.text for block in section.blocks if isinstance(block, report.Text))
+    assert f"distance <= {shown} is" in text and "evaluate's" in text
+    assert thresholds.beside(gallery.model).as_posix() in text
 
 
 def test_serve_checks_its_arguments_before_starting(gallery, capsys, tmp_path):

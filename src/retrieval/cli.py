@@ -1,7 +1,10 @@
 """The `retrieval` command (also `python -m retrieval`): the trained model on your own images.
 
     retrieval compare IMAGE_A IMAGE_B [--model PATH] [--output compare.png | --show]
-        distance, similarity and the same/different decision at the checkpoint's threshold
+        distance, similarity and the same/different decision at the model's threshold:
+        evaluate's (saved beside the checkpoint as threshold.json) when it was chosen for this
+        very checkpoint, else the one stored in the checkpoint (retrieval.threshold); the
+        `threshold:` line says which
     retrieval index FOLDER --out INDEX.faiss [--model PATH] [--approximate [FACTORY]]
                     [--target-recall 0.95] [--batch-size 32] [--device cpu]
         embed every image under FOLDER (recursively) into a searchable gallery: INDEX.faiss,
@@ -103,7 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="how similar are two images?",
                                   description="Embed two images and decide same/different "
-                                  "class at the threshold stored in the checkpoint.")
+                                  "class at the model's threshold: the one evaluate chose for "
+                                  "this checkpoint (threshold.json beside it, matched by "
+                                  "SHA-256), else the one stored in the checkpoint at training "
+                                  "time. The output says which.")
     compare.add_argument("image_a", type=Path, metavar="IMAGE_A")
     compare.add_argument("image_b", type=Path, metavar="IMAGE_B")
     _common(compare, "compare.png")
@@ -443,31 +449,30 @@ def finish(figure: plt.Figure, output: Path, on_screen: bool) -> None:
 def compare_command(args: argparse.Namespace) -> None:
     import numpy as np
 
-    from retrieval import runtime
+    from retrieval import runtime, threshold
     from retrieval.plots import evaluation as evaluation_plots
 
     check_compare(args)
     device = runtime.resolve_device(args.device)
     images = [load_image(args.image_a), load_image(args.image_b)]
     net, checkpoint = load_model(args.model, device)
-    threshold = checkpoint.get("threshold")
-    if threshold is None:
-        raise UserError(f"{args.model} stores no decision threshold: use a best.pt written "
-                        "at the end of a training stage")
+    decision = threshold.resolve(args.model, checkpoint)
+    limit = threshold.required(decision, args.model)
     a, b = embed(net, images, checkpoint["image_size"], device)
     distance = float(np.linalg.norm(a - b))
     similarity = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
-    same = distance <= threshold
+    same = bool(decision.same(distance))
     space = ("L2-normalised embeddings, 0 to 2" if net.config.normalize
              else "raw embeddings: model.normalize was false")
     print(f"distance:   {distance:.4f}  (Euclidean between {space})")
     print(f"similarity: {similarity:.4f}  (cosine, -1 to 1)")
     print(f"decision:   {'same class' if same else 'different classes'}  "
-          f"(same when distance <= threshold {threshold:.4f}, chosen on validation pairs)")
+          f"(same when distance <= threshold {limit:.4f})")
+    print(f"threshold:  {decision.source}")
     on_screen = open_display(args.show)
     figure = evaluation_plots.pair_figure(
         shown(images[0]), shown(images[1]), (str(args.image_a), str(args.image_b)), distance,
-        similarity, same, threshold)
+        similarity, same, limit)
     finish(figure, args.output, on_screen)
 
 
@@ -530,7 +535,7 @@ def load_gallery(index_path: Path) -> tuple[pd.DataFrame, faiss.Index]:
 
 def index_command(args: argparse.Namespace) -> None:
     check_index(args)
-    from retrieval import gallery, runtime, search
+    from retrieval import gallery, runtime, search, threshold
 
     device = runtime.resolve_device(args.device)
     net, checkpoint = load_model(args.model, device)
@@ -555,7 +560,8 @@ def index_command(args: argparse.Namespace) -> None:
     factory = _factory(args.approximate, len(files))
     built, recall = gallery.build(
         np.concatenate(vectors), gallery.folder_manifest(args.folder, files), args.model,
-        checkpoint["image_size"], checkpoint.get("threshold"), factory, args.target_recall)
+        checkpoint["image_size"], threshold.resolve(args.model, checkpoint).value, factory,
+        args.target_recall)
     gallery.save(built, args.out)
     if skipped:
         print(f"skipped {len(skipped)} file(s) that are not images: {listed}", file=sys.stderr)

@@ -4,7 +4,8 @@ Both files take what ``EmbeddingNet`` takes, (B, 3, S, S) float32 RGB already no
 with a free batch size, and return what ``net(images)`` returns in eval mode: the
 (B, D) embedding, L2-normalised unless the model's ``normalize`` is false. ``preprocessing.json``
 beside them says how an image file becomes that input (the pipeline's own rule:
-``transforms.eval_pil_transform``) and which checkpoint and decision threshold they come from.
+``transforms.eval_pil_transform``) and which checkpoint and decision threshold they come from
+(``threshold.resolve``: evaluate's, since the export stage runs after evaluate).
 ``max_differences`` runs both files on real images against PyTorch in float32; an export is
 only trusted within the stage's tolerances (``check_tolerances``).
 
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from retrieval import threshold
 from retrieval.models import EmbeddingNet
 from retrieval.outputs import UserError, atomic_path, file_digest
 from retrieval.transforms import cache_size, eval_crop, normalize
@@ -110,6 +112,7 @@ def preprocessing_card(net: EmbeddingNet, checkpoint: dict, checkpoint_path: str
     low = [(0.0 - m) / s for m, s in zip(norm.mean, norm.std, strict=True)]
     high = [(1.0 - m) / s for m, s in zip(norm.mean, norm.std, strict=True)]
     resize = cache_size(image_size)
+    decision = threshold.resolve(checkpoint_path, checkpoint)
     return {
         "files": dict(FORMATS),
         "onnx_opset": opset,
@@ -136,7 +139,10 @@ def preprocessing_card(net: EmbeddingNet, checkpoint: dict, checkpoint_path: str
         "normalised": bool(net.config.normalize),
         "distance": ("Euclidean between L2-normalised embeddings" if net.config.normalize
                      else "Euclidean between raw head outputs"),
-        "threshold": checkpoint.get("threshold"),
+        # The one threshold `retrieval compare` and the search page use for this checkpoint
+        # (evaluate's when chosen for these bytes: the export stage runs after evaluate).
+        "threshold": decision.value,
+        "threshold_source": decision.source,
         "backbone": net.config.backbone,
         "checkpoint": Path(checkpoint_path).as_posix(),
         "checkpoint_sha256": file_digest(checkpoint_path),

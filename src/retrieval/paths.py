@@ -24,11 +24,18 @@ EXPORT = Path("models/export")  # export: embedding.onnx, .torchscript.pt, prepr
 REPORT = Path("report")  # report: report.html, Report.pdf, report.md and its figures
 METRICS = Path("metrics")
 PLOTS = Path("plots")
+# evaluate: the decision threshold it chose for a checkpoint, saved beside it (retrieval.threshold)
+THRESHOLD_FILE = "threshold.json"
 
 
 def checkpoint(stage: str) -> Path:
-    """A training stage's best weights and its val-chosen threshold."""
+    """A training stage's best weights and the threshold chosen on its training-time val pairs."""
     return Path("models") / stage / "best.pt"
+
+
+def threshold(stage: str) -> Path:
+    """evaluate: the decision threshold chosen for a training stage's checkpoint, beside it."""
+    return checkpoint(stage).with_name(THRESHOLD_FILE)
 
 
 def metrics(stage: str) -> Path:

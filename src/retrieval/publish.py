@@ -41,12 +41,16 @@ def log_checkpoint(run: StageRun, checkpoint: Path, images: ImageCache, rows: np
 
 
 def register_checkpoint(run: StageRun, checkpoint: Path, writer: str, test_map: float,
-                        images: ImageCache, rows: np.ndarray) -> str:
+                        images: ImageCache, rows: np.ndarray,
+                        threshold: float | None = None) -> str:
     """A new registry version of the network in ``checkpoint``: the model its training stage
     logged, or, when this store has none (the checkpoint came from a DVC cache or remote), one
-    logged now by ``run``. Returns the version."""
+    logged now by ``run``. ``threshold``: evaluate's decision threshold for it, tagged on the
+    version (the logged model's ``threshold`` tag is the checkpoint's, from training). Returns
+    the version."""
     model_uri = run.logged_model(checkpoint_tags(checkpoint)) or log_checkpoint(
         run, checkpoint, images, rows, writer)
     return run.register_model(model_uri, {
         "git_commit": git_commit(), "dvc_experiment": os.environ.get("DVC_EXP_NAME", ""),
-        "test_map": f"{test_map:.6f}", **checkpoint_tags(checkpoint)})
+        "test_map": f"{test_map:.6f}", **checkpoint_tags(checkpoint),
+        **({} if threshold is None else {"decision_threshold": repr(float(threshold))})})

@@ -10,7 +10,8 @@ request and search the index:
     /image/N          a thumbnail of gallery item N
 
 Every neighbour card shows its rank, path, class label, distance and the same/different
-decision at the index card's threshold (the checkpoint's when the card has none); a neighbour
+decision at the model's threshold, the one `retrieval compare` uses (``threshold.resolve``:
+evaluate's for this very checkpoint, else the checkpoint's own; the page says which); a neighbour
 with the query's content hash is flagged as the query itself. Bad input (an empty upload, a
 file that is not an image, an id out of range) is a page with one line and a 4xx status, never
 a traceback. The HTML is rendered by the Jinja2 templates in ``retrieval/templates`` (no
@@ -37,7 +38,7 @@ from fastapi.responses import HTMLResponse, Response
 from fastapi.templating import Jinja2Templates
 from PIL import Image
 
-from retrieval import cli, data, outputs, runtime, search
+from retrieval import cli, data, outputs, runtime, search, threshold
 from retrieval.outputs import UserError
 
 TEMPLATES = Path(__file__).with_name("templates")
@@ -88,8 +89,7 @@ class Searcher:
     image_size: int
     device: torch.device
     k: int
-    threshold: float | None
-    threshold_source: str
+    decision: threshold.Threshold  # the model's, as `retrieval compare` decides with it
     lock: threading.Lock  # one embedding at a time: the model is shared by the worker threads
 
     def neighbours(self, image: Image.Image, query: Query) -> list[Neighbour]:
@@ -109,21 +109,9 @@ class Searcher:
             found.append(Neighbour(
                 id=int(i), rank=rank, path=str(item["path"]), label=str(item["label"]),
                 distance=float(distance),
-                same=None if self.threshold is None else bool(distance <= self.threshold),
+                same=self.decision.same(float(distance)),
                 is_query=bool(itself)))
         return found
-
-
-def decision_threshold(card: dict, checkpoint: dict, card_path: Path,
-                       model_path: Path) -> tuple[float | None, str]:
-    """The distance at or below which two images are "same", and where it comes from: the
-    index card (evaluate's chosen threshold), else the checkpoint's."""
-    if card.get("threshold") is not None:
-        return float(card["threshold"]), f"the index card {card_path}"
-    if checkpoint.get("threshold") is not None:
-        return float(checkpoint["threshold"]), (f"the checkpoint {model_path} (the index card "
-                                                "has none)")
-    return None, f"neither {card_path} nor {model_path} stores one"
 
 
 def load_searcher(index_path: Path, model_path: Path, device: str, k: int) -> Searcher:
@@ -137,11 +125,11 @@ def load_searcher(index_path: Path, model_path: Path, device: str, k: int) -> Se
         raise UserError(f"{index_path} holds {index.d}-d vectors but {model_path} embeds to "
                         f"{net.embedding_dim}-d: pass the model the index was built with")
     cli.warn_if_other_model(index_path, model_path)
-    card_path = index_path.with_suffix(".json")
-    card = outputs.read_json(card_path) if card_path.is_file() else {}
-    threshold, source = decision_threshold(card, checkpoint, card_path, model_path)
-    return Searcher(manifest, index, net, checkpoint["image_size"], torch_device, k, threshold,
-                    source, threading.Lock())
+    # The model's threshold, as `retrieval compare` decides with it (the index card's copy is
+    # not read: it may come from another model or an older evaluate).
+    decision = threshold.resolve(model_path, checkpoint)
+    return Searcher(manifest, index, net, checkpoint["image_size"], torch_device, k, decision,
+                    threading.Lock())
 
 
 # --------------------------------------------------------------------------- images
@@ -237,7 +225,8 @@ def create_app(index_path: Path, model_path: Path, queries_path: Path = cli.DEFA
     def results(request: Request, image: Image.Image, query: Query) -> HTMLResponse:
         return render(request, "results.html", query=query,
                     neighbours=searcher.neighbours(image, query),
-                    threshold=searcher.threshold, threshold_source=searcher.threshold_source)
+                    threshold=searcher.decision.value,
+                    threshold_source=searcher.decision.source)
 
     def gallery_item(item_id: int) -> pd.Series:
         if not 0 <= item_id < len(manifest):

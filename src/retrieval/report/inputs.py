@@ -14,6 +14,7 @@ from typing import Any
 import pandas as pd
 
 from retrieval import compared, outputs
+from retrieval.threshold import Threshold
 
 MODELS = compared.MODELS  # the models evaluate.json compares, in this order
 # The "before training" reference (the baseline) and the trained models, in that order.
@@ -58,11 +59,15 @@ class Inputs:
     params: dict[str, Any] = field(default_factory=dict)  # flattened: "train.lr_factor" -> 0.5
     run: RunInfo = field(default_factory=lambda: RunInfo("unknown", "workspace", {}))
     experiments: pd.DataFrame | None = None  # `experiments_table`
+    # evaluate's decision threshold for the searched model's checkpoint, as `retrieval compare`
+    # and the search page find it (``threshold.of_evaluate``); None: not looked up.
+    threshold: Threshold | None = None
 
 
 def load_inputs(metrics_dir: str | Path, plots_dir: str | Path, params: dict[str, Any],
                 run: RunInfo, experiments: pd.DataFrame | None = None,
-                excluded_csv: str | Path | None = None) -> Inputs:
+                excluded_csv: str | Path | None = None,
+                threshold: Threshold | None = None) -> Inputs:
     """Read every `<metrics_dir>/<stage>.json` (in pipeline order), every PNG under
     `<plots_dir>/<stage>/`, the training histories and the class counts; whatever does not
     exist is simply absent."""
@@ -80,7 +85,8 @@ def load_inputs(metrics_dir: str | Path, plots_dir: str | Path, params: dict[str
     if excluded_csv is not None and Path(excluded_csv).is_file():
         excluded = outputs.read_table(excluded_csv, ("path", "reason"), keep_default_na=False,
                                       dtype=str)
-    return Inputs(metrics, figures, histories, counts, excluded, dict(params), run, experiments)
+    return Inputs(metrics, figures, histories, counts, excluded, dict(params), run, experiments,
+                  threshold)
 
 
 def stage_order(stage: str) -> tuple[int, str]:

@@ -97,6 +97,7 @@ SECTIONS: tuple[SectionSpec, ...] = (
                       Observation(observations.hardest_classes))),
     SectionSpec(
         "verification", "Pair verification: confusion matrix, ROC, distances",
+        blocks=tables.decision_threshold,
         figures=(
             FigureSpec("evaluate/confusion_matrix", "Pair verification on the test pairs: "
                        "confusion matrices at the distance threshold chosen on validation "

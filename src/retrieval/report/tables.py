@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
+from retrieval import compared
 from retrieval.report.document import Block, Bullets, Missing, Table, Text
 from retrieval.report.formatting import fmt, fmt_param, number, with_ci
 from retrieval.report.inputs import (
@@ -186,6 +187,33 @@ def comparison(inputs: Inputs) -> list[Block]:
                            f"{any_model.get('ranks')} gallery images each; "
                            + ", ".join(f"{m}: {scores[m].get('embedding_dim')}-d"
                                        for m in scores) + " embeddings."))
+    return blocks
+
+
+def decision_threshold(inputs: Inputs) -> list[Block]:
+    """The one threshold the searched model decides with, outside this report too: evaluate's,
+    saved beside the checkpoint, which `retrieval compare`, the search page and the export read
+    (or a notice saying why they would not find it)."""
+    found = inputs.threshold
+    if found is None:
+        return []
+    model = compared.SEARCHED
+    if found.value is None:
+        return [Missing(f"No evaluate threshold for the {model} model's checkpoint: "
+                        f"{found.source}. `retrieval compare` and the search page then decide "
+                        "at the threshold stored in the checkpoint at training time.")]
+    # 4 decimals, as `retrieval compare` and the search page print it.
+    blocks: list[Block] = [Text(
+        f"Decision threshold of the {model} model: distance <= {found.value:.4f} is \"same "
+        f"class\" ({found.source}). `retrieval compare`, `retrieval serve` and the export's "
+        "preprocessing.json decide with this same threshold; the accuracy above is measured "
+        "at it.")]
+    reported = number((inputs.metrics.get("evaluate") or {}).get(model, {}).get("threshold"))
+    # evaluate.json rounds to 6 decimals.
+    if reported is not None and abs(reported - found.value) > 1e-6:
+        blocks.append(Missing(f"The evaluate metrics give the {model} model the threshold "
+                              f"{reported:.4f}, not {found.value:.4f}: the metrics come from "
+                              "another evaluate run; run `dvc repro evaluate`."))
     return blocks
 
 
