@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from retrieval import launch, lifeline
+from retrieval import config, launch, lifeline
 from retrieval.outputs import UserError
 from tests.conftest import BIN, REPO, run
 
@@ -98,6 +98,13 @@ def test_one_process_or_a_worker_trains_itself(monkeypatch):
     assert launch.run_workers("x.py", 1, "k", "cpu") is None
     monkeypatch.setenv("WORLD_SIZE", "2")  # under torchrun already: never a second launch
     assert launch.run_workers("x.py", 2, "k", "cpu") is None
+
+
+@pytest.mark.parametrize("processes", [0, -1, config.MAX_PROCESSES + 1])
+def test_processes_out_of_range_is_refused_in_one_line(processes):
+    with pytest.raises(config.ParamsError, match=r"train_unfrozen.processes \(-?\d+\) must be "
+                       rf"in \[1, {config.MAX_PROCESSES}\]"):
+        config.params_from_dict({"train_unfrozen": {"processes": processes}})
 
 
 def test_threads_are_shared_out_and_capacity_is_checked():
