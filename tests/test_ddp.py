@@ -211,7 +211,8 @@ def resume_epoch(repo: Path) -> int:
 
 def stage_outputs(repo: Path) -> list[str]:
     return sorted(str(path.relative_to(repo)) for folder in ("metrics", "plots", "models")
-                  for path in (repo / folder).rglob("*train_unfrozen*"))
+                  for path in (repo / folder).rglob("*")
+                  if "train_unfrozen" in str(path.relative_to(repo)) and path.is_file())
 
 
 @pytest.mark.e2e
