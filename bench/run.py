@@ -32,7 +32,7 @@ ROWS = {1: "extraction", 2: "training", 3: "frozen_cache", 4: "image_cache", 5: 
         6: "mining", 7: "dvc_noop", 8: "full_pipeline", 9: "numerics", 10: "pretrained",
         11: "class_disjoint", 12: "leeds", 13: "segmentation:run_13",
         14: "segmentation:run_14", 15: "segmentation:run_15", 16: "ann",
-        17: "export"}  # "module" (its run) or "module:function"
+        17: "export", 18: "ddp"}  # "module" (its run) or "module:function"
 RESULTS = common.REPO / "bench" / "results"
 MARKDOWN = common.REPO / "BENCHMARKS.md"
 WORKDIR = common.REPO / ".cache" / "bench"  # decoded subsets, reused (content-addressed)

@@ -2,8 +2,10 @@
 
 Starts from the best train_frozen model (train_unfrozen.init: frozen) or from scratch, with the
 backbone at lr * backbone_lr_mult, augmentation on cached uint8 images, bf16 autocast and
-channels_last where supported. `torchrun --nproc_per_node=N stages/train_unfrozen.py` runs
-DistributedDataParallel (gloo on CPU, nccl on CUDA); rank 0 logs and writes checkpoints.
+channels_last where supported. With train_unfrozen.processes: N > 1 the stage launches itself
+under torchrun (retrieval.launch) as N DistributedDataParallel processes (gloo on CPU, nccl on
+CUDA), as `torchrun --nproc_per_node=N stages/train_unfrozen.py` by hand does; rank 0 alone logs
+and writes checkpoints and outputs.
 
 Reads:  params seed, lr, precision, device, data.image_size, model, train, train_unfrozen;
         data/split.csv, data/prepared, models/train_frozen/best.pt
@@ -11,30 +13,42 @@ Writes: models/train_unfrozen/best.pt, plots/train_unfrozen/{history.csv,curves.
         metrics/train_unfrozen.json, metrics/timing/train_unfrozen.json
 """
 
-import contextlib
+import sys
 
-import torch
-
-from retrieval import (
-    cache,
-    config,
-    data,
-    losses,
-    models,
-    outputs,
-    paths,
-    publish,
-    runtime,
-    tracking,
-    training,
-    workspace,
-)
+from retrieval import config, launch, outputs
 
 STAGE = "train_unfrozen"
 
 
 def main() -> None:
     params = config.load_params()
+    code = launch.run_workers(__file__, params.train_unfrozen.processes,
+                              f"{STAGE}.processes", params.device)
+    if code is not None:
+        sys.exit(code)
+    train(params)
+
+
+def train(params: config.Params) -> None:
+    # Imported here: a launching process (processes > 1) only waits for its workers and would
+    # spend ~3 s of CPU importing the model, data and MLflow modules.
+    import contextlib
+
+    import torch
+
+    from retrieval import (
+        cache,
+        data,
+        losses,
+        models,
+        paths,
+        publish,
+        runtime,
+        tracking,
+        training,
+        workspace,
+    )
+
     t, u, size = params.train, params.train_unfrozen, params.data.image_size
     table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
     split = training.TrainingData.from_table(table)

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import REPO, run
 
-ROWS = range(1, 18)
+ROWS = range(1, 19)
 
 
 @pytest.mark.e2e

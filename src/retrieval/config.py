@@ -41,6 +41,7 @@ MAX_BATCH = 4096
 MAX_DIM = 8192  # model.hidden_dim and model.embedding_dim
 MAX_CIFAR_N = 200  # ResNet-1202, the deepest in He et al. 2016
 MAX_BOOTSTRAP = 100_000
+MAX_PROCESSES = 64  # train_unfrozen.processes: one node's GPUs or cores; more is a typo
 # The softmax temperature of supcon / ntxent: below 0.01 the logits of cosine similarities
 # exceed +-100 and bf16 (or fp32 exp) saturates; above 10 every similarity looks alike.
 TEMPERATURE_RANGE = (0.01, 10.0)
@@ -227,10 +228,14 @@ class TrainUnfrozenConfig:
     batchnorm: Literal["train", "frozen"] = "frozen"
     augment: AugmentConfig = field(default_factory=lambda: AugmentConfig(
         enabled=True, crop_scale_min=0.7, color_jitter=0.1))
+    # DistributedDataParallel processes: > 1 makes the stage launch itself under torchrun (one
+    # a GPU on CUDA; on CPU each gets cpu_count / processes threads).
+    processes: int = 1
 
     def validate(self, key: str) -> None:
         _check(self.epochs >= 1, f"{key}.epochs", "must be >= 1")
         _check(self.backbone_lr_mult > 0, f"{key}.backbone_lr_mult", "must be > 0")
+        _check_range(self.processes, 1, MAX_PROCESSES, f"{key}.processes")
         self.augment.validate(f"{key}.augment")
 
 

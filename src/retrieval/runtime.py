@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -19,13 +20,17 @@ from retrieval.outputs import UserError
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            return torch.device(f"cuda:{local_rank}")
-        return torch.device("cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device is '{name}' but no CUDA GPU is available: set device: auto")
+    if name in ("auto", "cuda"):
+        if torch.cuda.is_available():
+            # One GPU a torchrun worker: its local rank picks it.
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            if local_rank >= torch.cuda.device_count():
+                raise UserError(f"worker {local_rank} has no GPU of its own (this machine has "
+                                f"{torch.cuda.device_count()}): run fewer processes")
+            return torch.device(f"cuda:{local_rank}")
+        return torch.device("cpu")
     return torch.device(name)
 
 
@@ -94,9 +99,16 @@ def is_main_process() -> bool:
 
 
 def init_distributed(device: torch.device) -> None:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); no-op alone."""
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); no-op alone. Rank 0
+    says so in one line: the proof, in a piped log, that the run was distributed."""
     if world_size() > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # nccl's collectives run on the current device
+        dist.init_process_group(backend)
+        if is_main_process():
+            print(f"DistributedDataParallel: {world_size()} processes ({backend} on "
+                  f"{device.type}, {torch.get_num_threads()} CPU threads each)", file=sys.stderr)
 
 
 def barrier() -> None:
