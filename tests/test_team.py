@@ -63,7 +63,7 @@ def mlflow_server(tmp_path: Path, mlflow_db_template: Path):
 
 
 def test_a_team_shares_runs_on_a_server_and_data_through_a_remote(
-        mlflow_server, tmp_path, mlflow_db_template):
+        mlflow_server, tmp_path, mlflow_db_template, monkeypatch):
     uri, server_artifacts = mlflow_server
     repo = make_repo(tmp_path / "repo", mlflow_db_template, {"tracking": {"log_models": True}})
     # conftest's run() drops MLFLOW_TRACKING_URI from the environment: `env` sets it for the
@@ -102,6 +102,9 @@ def test_a_team_shares_runs_on_a_server_and_data_through_a_remote(
     assert parent.data.tags["report"].startswith("mlflow-artifacts:")
     versions = client.search_model_versions("name = 'retrieval-embedding'")
     assert versions
+    # A teammate loads the registered model from the server (`models:/` resolves through the
+    # tracking URI, which the test process otherwise leaves at MLflow's local default).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     model = mlflow.pytorch.load_model(f"models:/retrieval-embedding/{versions[0].version}")
     assert model is not None
 
