@@ -7,9 +7,11 @@ overlapping clusters of varied size around them, each spread along a 12-d subspa
 (``Mixture``). Queries are held-out draws of the same mixture, never gallery items.
 
 1. 10^6 items: exact ``IndexFlatL2`` (batched) against the IVF index that `retrieval index
-   --approximate` builds (``search.default_factory``: about 4·sqrt(N) lists), with nprobe
+   --approximate` builds (``search.default_factory``: about 4·sqrt(N) lists) and the HNSW32
+   graph (``GRAPH``, built by ``search.build_index`` with efConstruction
+   ``search.HNSW_EF_CONSTRUCTION`` rather than faiss's 40), with nprobe/efSearch
    tuned by ``search.tune_search_params`` on 1,000 tuning queries to reach recall@10 >= 0.95,
-   then measured on 2,000 other queries: QPS of both, recall@10 against the exact top 10.
+   then measured on 2,000 other queries: QPS of each, recall@10 against the exact top 10.
 2. 10^7 items: IVF-PQ with an SQ8 re-ranking stage (``COMPRESSED``: 32 + 128 bytes a vector
    instead of 512), trained on a 2.6·10^5 subsample and filled chunk by chunk from the generator,
    so the raw 4.8 GiB never exists; the exact top 10 of 300 queries is merged chunk by chunk on

@@ -1,5 +1,6 @@
 """FAISS search against brute-force numpy distances."""
 
+import faiss
 import numpy as np
 import pytest
 
@@ -185,6 +186,14 @@ def test_tuned_approximate_index_reaches_the_target_recall(factory):
     assert recall >= 0.95 and set(params) == {search.search_parameter(index)}
     _, found = search.search_index(index, queries, 10, params=params)
     assert search.recall_at_k(found, truth) == pytest.approx(recall)
+
+
+@pytest.mark.parametrize("factory", ["HNSW16", "PCA4,HNSW16"])
+def test_hnsw_is_built_with_a_longer_candidate_list(factory):
+    index = search.build_index(unit_vectors(300, dim=8), factory)
+    graph = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform)
+                                 else index)
+    assert graph.hnsw.efConstruction == search.HNSW_EF_CONSTRUCTION > 40  # faiss's default
 
 
 def test_recall_leaves_out_the_query_itself():
