@@ -71,7 +71,8 @@ def specs(page: Path) -> dict[str, dict]:
 
 
 def load_offline(browser, page_file: Path) -> tuple[list[dict], list[str], list[str]]:
-    """Open the page with the network refused: (charts drawn, requests, errors)."""
+    """Open the page with the network refused: (charts drawn, requests, errors and
+    warnings)."""
     page = browser.new_page()
     requests: list[str] = []
     errors: list[str] = []
@@ -85,7 +86,9 @@ def load_offline(browser, page_file: Path) -> tuple[list[dict], list[str], list[
 
     page.route("**/*", only_the_file)
     page.on("pageerror", lambda error: errors.append(str(error)))
-    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    # Vega-Lite warns on the console about encodings it drops: a template bug.
+    page.on("console", lambda m: errors.append(f"{m.type}: {m.text}")
+            if m.type in ("error", "warning") else None)
     page.add_init_script(CAPTURE_EMBEDS)
     try:
         page.goto(page_file.as_uri())
