@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup repro test bench lint
+.PHONY: setup repro test bench lint plots-template
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,3 +25,6 @@ bench: setup  ## benchmarks -> bench/results/*.json and BENCHMARKS.md (add ARGS=
 
 lint: setup
 	ruff check src stages tests bench
+
+plots-template: setup  ## rebuild .dvc/plots/offline.html (the offline `dvc plots` page) with npm
+	python -m retrieval.offline_plots

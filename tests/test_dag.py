@@ -134,3 +134,67 @@ def test_pipeline_paths_are_spelled_out_only_in_the_paths_module():
              if f != PACKAGE / "paths.py"}
     assert {f: p for f, p in found.items() if p} == {}
     assert path_literals(PACKAGE / "paths.py")  # the check sees them where they are
+
+
+# --- the normalisation check gates training ------------------------------------------------------
+
+def _path(entry: str | dict) -> str:
+    return entry if isinstance(entry, str) else next(iter(entry))
+
+
+def stage_edges() -> set[tuple[str, str]]:
+    """(producer, consumer) for every dep of a stage that is, or lies inside, another stage's
+    output: the edges `dvc dag` draws, from dvc.yaml alone."""
+    outputs = {name: [_path(o) for key in ("outs", "metrics", "plots") for o in stage.get(key, [])]
+               for name, stage in STAGES.items()}
+    return {(producer, consumer)
+            for consumer, stage in STAGES.items() for dep in map(_path, stage.get("deps", []))
+            for producer, outs in outputs.items()
+            if any(dep == out or dep.startswith(out.rstrip("/") + "/") for out in outs)}
+
+
+def downstream(start: str, edges: set[tuple[str, str]]) -> set[str]:
+    found, todo = set(), [start]
+    while todo:
+        node = todo.pop()
+        for producer, consumer in edges:
+            if producer == node and consumer not in found:
+                found.add(consumer)
+                todo.append(consumer)
+    return found
+
+
+def test_every_stage_that_feeds_images_to_the_model_waits_for_the_normalisation_check():
+    edges = stage_edges()
+    assert ("verify_normalization", "train_frozen") in edges
+    # Everything that trains, exports or runs the model is behind the gate, directly or through
+    # train_frozen's checkpoint.
+    assert {"train_frozen", "train_unfrozen", "export", "evaluate", "embed_viz",
+            "gradcam_segment", "report"} <= downstream("verify_normalization", edges)
+    gate = "metrics/verify_normalization.json"
+    assert gate in map(_path, STAGES["verify_normalization"]["metrics"])
+    assert gate in map(_path, STAGES["train_frozen"]["deps"])
+
+
+def test_dvc_dag_draws_the_gate_edge():
+    from tests.conftest import run
+
+    dot = run(["dvc", "dag", "--dot"], cwd=REPO).stdout
+    assert '"verify_normalization" -> "train_frozen";' in dot
+    assert '"verify_normalization" -> "report";' in dot  # the report still shows its numbers
+
+
+@pytest.mark.e2e
+def test_a_failing_normalisation_check_stops_training(tmp_path, mlflow_db_template):
+    from tests.conftest import make_repo, run
+
+    # A tolerance nothing meets: the check fails on the tiny sample's real tensors.
+    repo = make_repo(tmp_path / "repo", mlflow_db_template,
+                     {"verify_normalization": {"mean_tolerance": 1e-6}})
+    result = run(["dvc", "repro", "train_frozen"], cwd=repo, check=False)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "normalisation check failed" in log
+    assert "Running stage 'train_frozen'" not in log
+    assert not (repo / "models/train_frozen/best.pt").exists()
+    assert not (repo / "metrics/verify_normalization.json").exists()

@@ -7,13 +7,17 @@ batches) runs the whole network on images through ``ImageEncoder``.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from retrieval import config, losses, models, training
 from retrieval.cache import ImageCache
 
+REPO = Path(__file__).resolve().parents[1]
 SMALL = {"backbone": "cifar_resnet", "cifar_n": 1, "hidden_dim": 16, "embedding_dim": 8}
 
 
@@ -138,6 +142,70 @@ def test_history_has_the_per_epoch_columns_dvc_plots_reads(tmp_path):
     epoch_1 = result.history.set_index("epoch").loc[1]
     assert 0 < epoch_1["active_fraction"] <= 1
     assert epoch_1["mean_negative_distance"] > epoch_1["mean_positive_distance"] > 0
+
+
+def plotted_history_columns() -> set[str]:
+    """The history.csv columns that dvc.yaml's top-level plots draw, and those curves.png
+    draws (train and val of each panel, and the learning rate)."""
+    plots = yaml.safe_load((REPO / "dvc.yaml").read_text())["plots"]
+    columns = {"lr", *(f"{split}_{name}" for split in ("train", "val")
+                       for name in ("loss", "accuracy", "precision", "recall", "f1"))}
+    for plot in plots:
+        for spec in plot.values():
+            for file, y in spec["y"].items():
+                if file.endswith("history.csv"):
+                    columns.update([y] if isinstance(y, str) else y)
+    return columns
+
+
+def test_every_plotted_series_has_a_value_at_every_epoch(tmp_path):
+    result, _ = fit_frozen(tmp_path, "triplet", epochs=2, negatives="hard", mining_k=5)
+    columns = plotted_history_columns()
+    assert {"train_loss", "val_loss", "train_accuracy", "lr"} <= columns
+    plotted = result.history[sorted(columns)]
+    assert np.isfinite(plotted.to_numpy(dtype=float)).all(), plotted.T
+
+
+def lr_0_history(images: bool) -> training.FitResult:
+    """Two epochs at lr 0 (the weights never change) with BatchNorm in the head; ``images``:
+    the whole network on augmented images with dropout, else the head on frozen features."""
+    torch.manual_seed(0)
+    if images:
+        cache, data = colour_classes()
+        net = models.EmbeddingNet(config.ModelConfig(weights="none", **SMALL, dropout=0.3))
+        encoder = training.ImageEncoder(net, cache, 32, config.AugmentConfig(enabled=True),
+                                        torch.device("cpu"), "fp32")
+    else:
+        net, encoder, data = frozen_problem("triplet")
+    optimizer = training.build_optimizer(net, "adam", 0.0, 0.0, 0.9)
+    return training.fit(net, encoder, optimizer, data,
+                        train_config("triplet", negatives="hard", mining_k=5), epochs=2, seed=0)
+
+
+@pytest.mark.parametrize("images", [False, True], ids=["frozen_features", "augmented_images"])
+def test_epoch_0_train_loss_is_the_loss_the_first_epoch_starts_from(images):
+    # At lr 0 epoch 1 takes its steps through the starting weights: the same steps, the same
+    # augmentation and dropout draws, so its training loss and step statistics are epoch 0's.
+    history = lr_0_history(images).history.set_index("epoch")
+    step_columns = ["train_loss", "active_fraction", "mean_positive_distance",
+                    "mean_negative_distance"]
+    np.testing.assert_allclose(history.loc[0, step_columns].to_numpy(dtype=float),
+                               history.loc[1, step_columns].to_numpy(dtype=float), rtol=1e-6)
+    assert history.loc[0, "train_loss"] > 0
+
+
+def test_the_epoch_0_training_loss_leaves_the_model_as_it_found_it():
+    # Training mode moves BatchNorm's running statistics; fit puts the start weights back, so
+    # epoch 0 measures the model without changing it (and epoch 1 starts from it).
+    net, encoder, data = frozen_problem("triplet")
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in net.modules())
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    optimizer = training.build_optimizer(net, "adam", 3e-3, 0.0, 0.9)
+    result = training.fit(net, encoder, optimizer, data, train_config("triplet"), epochs=0,
+                          seed=0)
+    assert list(result.history["epoch"]) == [0] and result.history["train_loss"].notna().all()
+    after = net.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
 
 
 def test_step_inputs_embed_every_tuple_in_one_batch():

@@ -511,10 +511,45 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
                 **{f"val_{k}": v for k, v in
                    pair_metrics(val_d, eval_pairs.val[:, 2], threshold).items()}}
 
+    def start_epoch_work(epoch: int) -> EpochWork:
+        """Seed the epoch's dropout and augmentation, then draw its steps (the miners see the
+        embeddings of the model as it stands); this rank's share of them under DDP."""
+        # Seeded per epoch, so a resumed run continues exactly like an uninterrupted one.
+        torch.manual_seed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.DROPOUT))
+        encoder.reseed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.AUGMENT))
+        encoder.set_train(False)
+        work = epoch_work(cfg, train_idx, labels, seed, epoch,
+                          lambda: embedding_space(net, encoder.eval_project(train_idx)),
+                          batch_size)
+        # DDP: every rank takes every world_size-th step; equal counts or the all-reduce hangs.
+        world = runtime.world_size()
+        work.items = work.items[:len(work.items) // world * world][runtime.rank()::world]
+        return work
+
+    first_work: EpochWork | None = None
     if not history:  # epoch 0: the model before this stage trains; also the first "best"
         row = {"epoch": 0, **validate(), "lr": optimizer.param_groups[0]["lr"]}
-        history.append(row)
         best = Best(row["val_loss"], 0, row["threshold"], snapshot())
+        # Its training loss: epoch 1's steps through the starting weights, in training mode
+        # and without a single update, so the train curve has a value at epoch 0 measured as
+        # at every later epoch (a step mean) and starts where training starts. Training mode
+        # moves BatchNorm's running statistics: the start weights go back afterwards, and
+        # epoch 1 reuses these steps (its miners would see the same embeddings).
+        first_work = start_epoch_work(1)
+        encoder.set_train(True)
+        stats = StepStats()
+        with torch.no_grad():
+            for item in first_work.items:
+                stats.losses.append(
+                    train_step_loss(spec, loss_fn, net, encoder.project, item, labels,
+                                    stats).item())
+        _load_snapshot(net, best.state)
+        row = {"epoch": 0, **stats.summary(), **row,
+               **_collapse_diagnostics(row["mean_val_pairwise_distance"], stats, spec, cfg)}
+        if not math.isfinite(row["train_loss"]):
+            raise stop(f"non-finite training loss ({row['train_loss']}) before the first "
+                       "step: check the data and the model's initialisation")
+        history.append(row)
         progress.note(epoch_line(row, epochs))
 
     stopped = "epochs"
@@ -525,16 +560,13 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
             stopped = "early_stopping"
             break
         started = time.perf_counter()
-        # Seeded per epoch, so a resumed run continues exactly like an uninterrupted one.
-        torch.manual_seed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.DROPOUT))
-        encoder.reseed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.AUGMENT))
-        encoder.set_train(False)
-        work = epoch_work(cfg, train_idx, labels, seed, epoch,  # miners see the embeddings
-                          lambda: embedding_space(net, encoder.eval_project(train_idx)),
-                          batch_size)
-        # DDP: every rank takes every world_size-th step; equal counts or the all-reduce hangs.
-        world = runtime.world_size()
-        items = work.items[:len(work.items) // world * world][runtime.rank()::world]
+        if epoch == 1 and first_work is not None:  # drawn at epoch 0 with the same seeds
+            work, first_work = first_work, None
+            torch.manual_seed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.DROPOUT))
+            encoder.reseed(rng.torch_epoch_seed(seed, epoch, rng.TorchStream.AUGMENT))
+        else:
+            work = start_epoch_work(epoch)
+        items = work.items
         encoder.set_train(True)
         stats = StepStats()
         for item in progress.Progress(items, desc=f"epoch {epoch}", unit="step", leave=False,
@@ -606,10 +638,10 @@ def fit(net: EmbeddingNet, encoder: FrozenEncoder | ImageEncoder,
 def epoch_line(row: dict, epochs: int, *, best: bool = False,
                next_lr: float | None = None) -> str:
     """One log line per epoch: 'epoch 3/20: train loss 0.41, val loss 0.39, val accuracy 0.81,
-    lr 0.001, 2.3 s'. Epoch 0 is the model before training (validation only)."""
+    lr 0.001, 2.3 s'. Epoch 0 is the model before training (no step taken)."""
     if row["epoch"] == 0:
-        return (f"epoch 0/{epochs} (before training): val loss {row['val_loss']:.4f}, "
-                f"val accuracy {row['val_accuracy']:.3f}")
+        return (f"epoch 0/{epochs} (before training): train loss {row['train_loss']:.4f}, "
+                f"val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.3f}")
     line = (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f}, "
             f"val loss {row['val_loss']:.4f}, val accuracy {row['val_accuracy']:.3f}, "
             f"lr {row['lr']:.3g}, {row['epoch_seconds']:.1f} s")

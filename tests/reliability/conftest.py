@@ -21,7 +21,7 @@ import yaml
 
 from tests.conftest import make_repo, run
 
-TRAINING_STAGES = ("prepare", "split", "train_frozen", "train_unfrozen")
+TRAINING_STAGES = ("prepare", "split", "verify_normalization", "train_frozen", "train_unfrozen")
 
 
 def keep_stages(repo: Path, names: tuple[str, ...]) -> None:
@@ -91,7 +91,8 @@ def run_script(script: str | Path, args: list[str] | None = None, cwd: Path | No
 
 @pytest.fixture(scope="session")
 def trained_repo(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Path) -> Path:
-    """prepare -> split -> train_frozen reproduced and committed; train_unfrozen runs 3 epochs."""
+    """prepare -> split -> verify_normalization (train_frozen's gate) -> train_frozen reproduced
+    and committed; train_unfrozen runs 3 epochs."""
     repo = make_repo(tmp_path_factory.mktemp("trained"), mlflow_db_template,
                      {"train_unfrozen": {"epochs": 3}})
     keep_stages(repo, TRAINING_STAGES)
