@@ -13,50 +13,55 @@ Writes: models/train_unfrozen/best.pt, plots/train_unfrozen/{history.csv,curves.
         metrics/train_unfrozen.json, metrics/timing/train_unfrozen.json
 """
 
+import contextlib
 import sys
 
-from retrieval import config, launch, outputs
+import pandas as pd
+import torch
+
+from retrieval import (
+    cache,
+    config,
+    data,
+    launch,
+    losses,
+    models,
+    outputs,
+    paths,
+    publish,
+    runtime,
+    tracking,
+    training,
+    workspace,
+)
 
 STAGE = "train_unfrozen"
 
 
 def main() -> None:
     params = config.load_params()
+    table, split = checked_split(params)  # bad params are refused once, before any launch
     code = launch.run_workers(__file__, params.train_unfrozen.processes,
                               f"{STAGE}.processes", params.device)
     if code is not None:
         sys.exit(code)
-    train(params)
+    train(params, table, split)
 
 
-def train(params: config.Params) -> None:
-    # Imported here: a launching process (processes > 1) only waits for its workers and would
-    # spend ~3 s of CPU importing the model, data and MLflow modules.
-    import contextlib
-
-    import torch
-
-    from retrieval import (
-        cache,
-        data,
-        losses,
-        models,
-        paths,
-        publish,
-        runtime,
-        tracking,
-        training,
-        workspace,
-    )
-
-    t, u, size = params.train, params.train_unfrozen, params.data.image_size
+def checked_split(params: config.Params) -> tuple[pd.DataFrame, training.TrainingData]:
+    """The split table and training data, once the loss's params fit them: the loss's margin,
+    and what its sampler needs (ntxent this stage's augmentation, the in-batch losses enough
+    classes in the train split)."""
     table = data.load_split_table(paths.SPLIT_CSV, paths.DATASET_JSON)
     split = training.TrainingData.from_table(table)
-    # Refused here, not mid-run: the loss's margin, and what its sampler needs (ntxent this
-    # stage's augmentation, the in-batch losses enough classes in the train split).
-    losses.check_params(params.train, augment=u.augment, augment_key=f"{STAGE}.augment",
-                        normalize=params.model.normalize,
+    losses.check_params(params.train, augment=params.train_unfrozen.augment,
+                        augment_key=f"{STAGE}.augment", normalize=params.model.normalize,
                         train_labels=split.labels[split.train_idx])
+    return table, split
+
+
+def train(params: config.Params, table: pd.DataFrame, split: training.TrainingData) -> None:
+    t, u, size = params.train, params.train_unfrozen, params.data.image_size
     device = runtime.resolve_device(params.device)
     runtime.init_distributed(device)
     torch.manual_seed(params.seed)
