@@ -28,7 +28,8 @@ from retrieval.config import ModelConfig
 from tests.conftest import BIN, run
 
 STAGE = "train_unfrozen"
-OUTPUTS = ("metrics/train_unfrozen.json", "metrics/timing/train_unfrozen.json",
+OUTPUTS = ("metrics/train_unfrozen.json", "metrics/details/train_unfrozen.json",
+           "metrics/timing/train_unfrozen.json",
            "models/train_unfrozen/best.pt", "plots/train_unfrozen/history.csv")
 
 
