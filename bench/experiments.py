@@ -4,7 +4,8 @@
     python bench/experiments.py exps.json caltech caltech-disjoint ...
 
 For each named experiment: test P@1, P@5, mAP, MAP@R, pair accuracy and ROC AUC of baseline /
-frozen / fine-tuned with their 95% bootstrap CIs (metrics/evaluate.json), then the stages' own
+frozen / fine-tuned with their 95% bootstrap CIs (metrics/details/evaluate.json in the
+experiment's commit: `dvc exp show` carries only the headline metrics), then the stages' own
 wall times: start to end of each stage's MLflow run (the project's store, so run it in the
 repository that ran them). Nothing is computed here: it prints what the runs measured.
 """
@@ -12,9 +13,10 @@ repository that ran them). Nothing is computed here: it prints what the runs mea
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
-from retrieval import tracking
+from retrieval import paths, tracking
 from retrieval.report.inputs import stage_order
 
 MODELS = ("baseline", "frozen", "unfrozen")
@@ -22,16 +24,22 @@ METRICS = {"precision_at_1": "P@1", "precision_at_5": "P@5", "map": "mAP", "map_
            "accuracy": "pair acc.", "roc_auc": "ROC AUC"}
 
 
-def experiments(show: list[dict]) -> dict[str, dict]:
-    """{experiment name: its metrics files} from `dvc exp show --json`."""
+def experiments(show: list[dict]) -> dict[str, str]:
+    """{experiment name: its commit} from `dvc exp show --json`."""
     found = {}
     for commit in show:
         for experiment in commit.get("experiments") or []:
             for rev in experiment["revs"]:
                 if rev.get("name") and rev.get("data"):
-                    found[rev["name"]] = {path: entry.get("data", {}) for path, entry in
-                                          (rev["data"].get("metrics") or {}).items()}
+                    found[rev["name"]] = rev.get("rev") or rev["data"]["rev"]
     return found
+
+
+def evaluate_details(commit: str) -> dict:
+    """evaluate's details (every score with its CIs) as the experiment's commit holds them."""
+    shown = subprocess.run(["git", "show", f"{commit}:{paths.details('evaluate').as_posix()}"],
+                           capture_output=True, text=True, check=True)
+    return json.loads(shown.stdout)
 
 
 def cell(scores: dict, key: str) -> str:
@@ -40,8 +48,8 @@ def cell(scores: dict, key: str) -> str:
     return f"{value} [{low:.3f}, {high:.3f}]" if low is not None else value
 
 
-def table(name: str, files: dict) -> str:
-    evaluate = files["metrics/evaluate.json"]
+def table(name: str, commit: str) -> str:
+    evaluate = evaluate_details(commit)
     lines = [f"`{name}` | " + " | ".join(METRICS.values()), "|---" * (len(METRICS) + 1) + "|"]
     lines[0] = "| " + lines[0] + " |"
     for model in MODELS:

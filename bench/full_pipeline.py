@@ -59,7 +59,7 @@ def run_experiment(name: str, quick: bool, workdir: Path) -> dict:
             print(f"  {stage}: {seconds:.0f} s, {rss:.2f} GiB", flush=True)
         metrics = {}
         for stage in ("train_frozen", "train_unfrozen", "evaluate", "gradcam_segment"):
-            path = repo / "metrics" / f"{stage}.json"
+            path = repo / "metrics" / "details" / f"{stage}.json"  # all of it, CIs included
             if path.is_file():
                 metrics[stage] = json.loads(path.read_text())
     return {"real": real, "stages": rows, "total_s": sum(r["seconds"] for r in rows),

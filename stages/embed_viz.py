@@ -8,7 +8,7 @@ are coloured, the rest grey. A model whose embedding is 2-D is also plotted dire
 
 Reads:  params seed, embed_viz; data/embeddings/<model>.npz (from evaluate)
 Writes: plots/embed_viz/{tsne,pca}.png (and direct.png for 2-D embeddings),
-        metrics/embed_viz.json, metrics/timing/embed_viz.json
+        metrics/details/embed_viz.json, metrics/timing/embed_viz.json (no headline metrics)
 """
 
 import time
@@ -64,9 +64,9 @@ def main() -> None:
         summary = {**scores, "points": len(labels), "classes": len(set(labels)),
                    "knn_k": cfg.knn_k,
                    "perplexity_used": embed_viz.perplexity_used(len(labels), cfg.perplexity)}
-        outputs.write_json(paths.metrics(STAGE), summary)
+        outputs.write_json(paths.details(STAGE), summary)
         outputs.write_json(paths.timing(STAGE), timing)
-        run.log_metrics(evaluation.flat_metrics(scores), to_parent=True)
+        run.log_metrics(evaluation.flat_metrics(scores))
         run.log_metrics(timing)
         run.log_artifact(PLOTS)
 

@@ -12,7 +12,8 @@ Writes: data/eval/{pairs,queries,gallery,per_query}.csv (per_query: the searched
         test queries, failures first), data/embeddings/<model>.npz,
         models/<stage>/threshold.json (the decision threshold chosen here on the val pairs for
         that stage's checkpoint, with its SHA-256: retrieval.threshold),
-        data/index/gallery.{faiss,csv,json}, metrics/evaluate.json,
+        data/index/gallery.{faiss,csv,json}, metrics/details/evaluate.json (every score),
+        metrics/evaluate/<model>.json (the headline: P@1, mAP, pair accuracy, ROC AUC),
         metrics/timing/evaluate.json, plots/evaluate/ (roc.csv, comparison.csv/.md,
         per_class_precision_at_1.csv, classification_report.txt/.json and the figures, among
         them similarity.png: cosine similarity of same- vs different-class test pairs, and
@@ -32,6 +33,7 @@ from retrieval import (
     config,
     data,
     evaluation,
+    headline,
     models,
     outputs,
     paths,
@@ -99,7 +101,7 @@ def main() -> None:
 
         comparison = evaluation.comparison_table(scores)
         report_text, report = evaluation.classification_reports(results)
-        outputs.write_json(paths.metrics(STAGE), scores)
+        headline.write(STAGE, scores)
         outputs.write_csv(PLOTS / "roc.csv", evaluation.roc_table(results))
         outputs.write_csv(PLOTS / "comparison.csv", comparison)
         markdown = evaluation.comparison_markdown(comparison, scores)
@@ -119,7 +121,8 @@ def main() -> None:
         outputs.write_csv(paths.EVAL / "per_query.csv", view.worst_first)
         outputs.write_text(PLOTS / "retrieval.html", view.page)
         outputs.write_json(paths.timing(STAGE), timing)
-        run.log_metrics(evaluation.flat_metrics(scores), to_parent=True)
+        run.log_metrics(evaluation.flat_metrics(scores))
+        run.log_headline(headline.flat(STAGE, scores))
         run.log_metrics(timing)
         run.log_artifact(PLOTS)
         run.log_artifact(paths.GALLERY_INDEX.parent, "index")

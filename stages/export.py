@@ -9,7 +9,7 @@ Reads:  params data.image_size, model, export; models/train_unfrozen/best.pt and
         evaluate, so preprocessing.json states the threshold compare uses), data/split.csv,
         data/prepared (the verification images, through the shared image cache)
 Writes: models/export/{embedding.onnx, embedding.torchscript.pt, preprocessing.json},
-        metrics/export.json (max |embedding difference| and size of each file); the export
+        metrics/details/export.json (max |embedding difference| and size of each file); the export
         folder is logged as MLflow artifacts of the stage's run
 """
 
@@ -45,7 +45,7 @@ def main() -> None:
         metrics = {"verify_images": len(images), "opset": cfg.opset,
                    **{f"{name}_max_abs_diff": value for name, value in differences.items()},
                    **{f"{name}_bytes": value for name, value in sizes.items()}}
-        outputs.write_json(paths.metrics(STAGE), metrics)
+        outputs.write_json(paths.details(STAGE), metrics)
         run.log_metrics(metrics)
         run.log_artifact(paths.EXPORT, "export")
         print("\n".join(f"{name}: max |difference| {differences[name]:.2g}, "

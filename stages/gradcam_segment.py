@@ -15,7 +15,8 @@ Writes: data/gradcam/masks/<model>/<method>/<class>/<stem>.png (every explained 
         data/gradcam/prototypes/<model>.npz (for `retrieval segment`), data/gradcam/per_image.csv,
         plots/gradcam_segment/{overlays_<model>.png, extremes_<model>.png (a notice without
         masks), iou_histogram.png,
-        iou_table.csv, iou_table.md, per_class.csv}, metrics/gradcam_segment.json,
+        iou_table.csv, iou_table.md, per_class.csv}, metrics/details/gradcam_segment.json,
+        metrics/gradcam_segment/<model>.json (the headline: test mean IoU per method),
         metrics/timing/gradcam_segment.json
 """
 
@@ -27,7 +28,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from retrieval import cache, cam, compared, config, data, models, outputs, paths, runtime, tracking
+from retrieval import (
+    cache,
+    cam,
+    compared,
+    config,
+    data,
+    headline,
+    models,
+    outputs,
+    paths,
+    runtime,
+    tracking,
+)
 from retrieval.plots import segmentation as figures
 from retrieval.segmentation import experiment, explainers, geometry, refine, summary
 
@@ -103,16 +116,15 @@ def main() -> None:
             PLOTS / "iou_histogram.png")
 
         metrics = summary.metrics(result)
-        outputs.write_json(paths.metrics(STAGE), metrics)
+        headline.write(STAGE, metrics)
         timing = {"seconds": time.perf_counter() - started,
                   **{f"seconds_{part.replace(' ', '_')}": value
                      for part, value in result.seconds.items()},
                   "images_explained": (result.images["val"] + result.images["test"])
                   * len(explained) * len(cam.computed_methods(params.gradcam_segment.methods))}
         outputs.write_json(paths.timing(STAGE), timing)
-        # MLflow metric names may not contain "+" (gradcam++ -> gradcampp).
-        flat = {k.replace("+", "p"): v for k, v in config.flatten(metrics).items()}
-        run.log_metrics(flat, to_parent=True)
+        run.log_metrics(config.flatten(metrics))
+        run.log_headline(headline.flat(STAGE, metrics))
         run.log_metrics(timing)
         run.set_tags({"iou_computed": result.iou_computed})
         run.log_artifact(PLOTS)

@@ -2,7 +2,7 @@
 (sources.SOURCES), and index it.
 
 Reads:  params seed, data.*; the dataset folder (read-only) when data.source is 'folder'
-Writes: data/prepared/{sample/, index.csv, excluded.csv, dataset.json}, metrics/prepare.json
+Writes: data/prepared/{sample/, index.csv, excluded.csv, dataset.json}, metrics/details/prepare.json
 """
 
 from retrieval import config, data, outputs, paths, sources, tracking, workspace
@@ -33,8 +33,8 @@ def main() -> None:
                    "mismatched_masks": result.mismatched_masks,
                    **result.counts,
                    "min_class_size": int(counts.min()), "max_class_size": int(counts.max())}
-        outputs.write_json(paths.metrics(STAGE), metrics)
-        run.log_metrics(metrics, to_parent=True)
+        outputs.write_json(paths.details(STAGE), metrics)
+        run.log_metrics(metrics)
         run.log_artifact(paths.EXCLUDED_CSV)
 
 

@@ -3,7 +3,7 @@
 Sections whose stage has not run say so instead of failing. Run ids and the comparison across
 experiments come from MLflow; everything else from the files below.
 
-Reads:  params.yaml (all of it, for the configuration section); metrics/<stage>.json,
+Reads:  params.yaml (all of it, for the configuration section); metrics/details/<stage>.json,
         plots/<stage>/ (*.png, history.csv, class_counts.csv), data/prepared/excluded.csv,
         models/train_unfrozen/{threshold.json,best.pt} (evaluate's decision threshold, checked
         against the checkpoint's SHA-256);
@@ -36,7 +36,7 @@ def main() -> None:
         # The searched model's threshold as `retrieval compare` finds it for the checkpoint.
         decision = threshold.of_evaluate(
             paths.checkpoint(compared.compared_model(compared.SEARCHED).checkpoint))
-        inputs = report.load_inputs(paths.METRICS, paths.PLOTS, flat, run_info, experiments,
+        inputs = report.load_inputs(paths.DETAILS, paths.PLOTS, flat, run_info, experiments,
                                     paths.EXCLUDED_CSV, decision)
         shutil.rmtree(FIGURES, ignore_errors=True)  # figures of a stage that no longer exists
         for key, path in inputs.figures.items():  # report.md and its images travel together

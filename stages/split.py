@@ -1,7 +1,7 @@
 """split: stratified (or class-disjoint) train/val/test split as one table, no copies.
 
 Reads:  params seed, split.*; data/prepared/index.csv
-Writes: data/split.csv (path, label, split, mask_path), metrics/split.json,
+Writes: data/split.csv (path, label, split, mask_path), metrics/details/split.json,
         plots/split/class_counts.csv
 """
 
@@ -36,8 +36,8 @@ def main() -> None:
                    **{f"{name}_images": int(per_split.size().get(name, 0)) for name in data.SPLITS},
                    **{f"{name}_classes": int(per_split["label"].nunique().get(name, 0))
                       for name in data.SPLITS}}
-        outputs.write_json(paths.metrics(STAGE), metrics)
-        run.log_metrics(metrics, to_parent=True)
+        outputs.write_json(paths.details(STAGE), metrics)
+        run.log_metrics(metrics)
         run.log_artifact(paths.plots(STAGE) / "class_counts.csv")
 
 

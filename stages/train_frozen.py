@@ -7,7 +7,8 @@ every augmented view instead (slower, no cache; see README).
 Reads:  params seed, lr, precision, device, data.image_size, model, train, train_frozen;
         data/split.csv, data/prepared
 Writes: models/train_frozen/best.pt, plots/train_frozen/{history.csv,curves.png},
-        metrics/train_frozen.json, metrics/timing/train_frozen.json
+        metrics/details/train_frozen.json, metrics/train_frozen.json (the headline: val
+        accuracy, best epoch), metrics/timing/train_frozen.json
 """
 
 import numpy as np

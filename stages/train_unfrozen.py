@@ -10,7 +10,8 @@ and writes checkpoints and outputs.
 Reads:  params seed, lr, precision, device, data.image_size, model, train, train_unfrozen;
         data/split.csv, data/prepared, models/train_frozen/best.pt
 Writes: models/train_unfrozen/best.pt, plots/train_unfrozen/{history.csv,curves.png},
-        metrics/train_unfrozen.json, metrics/timing/train_unfrozen.json
+        metrics/details/train_unfrozen.json, metrics/train_unfrozen.json (the headline: val
+        accuracy, best epoch), metrics/timing/train_unfrozen.json
 """
 
 import contextlib

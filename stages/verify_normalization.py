@@ -3,7 +3,7 @@ backbone's declared normalisation implies (ImageNet mean/std: mean ~0, std ~1).
 
 Reads:  params seed, data.image_size, model.backbone, verify_normalization.*; data/split.csv,
         data/prepared/dataset.json
-Writes: metrics/verify_normalization.json, plots/verify_normalization/histograms.png
+Writes: metrics/details/verify_normalization.json, plots/verify_normalization/histograms.png
         (fails with the offending channels if a mean or std is out of tolerance)
 """
 
@@ -54,8 +54,8 @@ def main() -> None:
         figure = training_plots.normalization_histograms((crops.float() / 255.0).numpy(),
                                                 normalized.numpy())
         outputs.save_figure(figure, paths.plots(STAGE) / "histograms.png")
-        outputs.write_json(paths.metrics(STAGE), metrics)
-        run.log_metrics(metrics, to_parent=True)
+        outputs.write_json(paths.details(STAGE), metrics)
+        run.log_metrics(metrics)
         run.log_artifact(paths.plots(STAGE) / "histograms.png")
 
 

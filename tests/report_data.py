@@ -103,11 +103,11 @@ def tiny_png(path: Path, colour: str) -> None:
 
 
 def make_project(root: Path) -> Path:
-    """A fake project under `root`: metrics/*.json and plots/<stage>/ as the stages write them,
-    and excluded.csv."""
-    (root / "metrics").mkdir(parents=True, exist_ok=True)
+    """A fake project under `root`: metrics/details/*.json and plots/<stage>/ as the stages write
+    them, and excluded.csv."""
+    (root / "metrics" / "details").mkdir(parents=True, exist_ok=True)
     for stage, values in METRICS.items():
-        (root / "metrics" / f"{stage}.json").write_text(json.dumps(values))
+        (root / "metrics" / "details" / f"{stage}.json").write_text(json.dumps(values))
     colours = matplotlib.colormaps["tab20"]
     for i, key in enumerate(FIGURES):
         tiny_png(root / "plots" / f"{key}.png", colours(i))
@@ -123,8 +123,8 @@ def make_project(root: Path) -> Path:
 
 def load(root: Path, experiments: pd.DataFrame | None = None) -> report.Inputs:
     """The project's inputs, with the figures the report draws itself saved under `root`."""
-    inputs = report.load_inputs(root / "metrics", root / "plots", PARAMS, RUN, experiments,
-                                root / "excluded.csv")
+    inputs = report.load_inputs(root / "metrics" / "details", root / "plots", PARAMS, RUN,
+                                experiments, root / "excluded.csv")
     for key, figure in list(report.drawn_figures(inputs)):
         png = root / "report_figures" / f"{key}.png"
         png.parent.mkdir(parents=True, exist_ok=True)

@@ -171,8 +171,8 @@ def test_every_stage_that_feeds_images_to_the_model_waits_for_the_normalisation_
     # train_frozen's checkpoint.
     assert {"train_frozen", "train_unfrozen", "export", "evaluate", "embed_viz",
             "gradcam_segment", "report"} <= downstream("verify_normalization", edges)
-    gate = "metrics/verify_normalization.json"
-    assert gate in map(_path, STAGES["verify_normalization"]["metrics"])
+    gate = "metrics/details/verify_normalization.json"
+    assert gate in map(_path, STAGES["verify_normalization"]["outs"])
     assert gate in map(_path, STAGES["train_frozen"]["deps"])
 
 
@@ -197,4 +197,4 @@ def test_a_failing_normalisation_check_stops_training(tmp_path, mlflow_db_templa
     assert "normalisation check failed" in log
     assert "Running stage 'train_frozen'" not in log
     assert not (repo / "models/train_frozen/best.pt").exists()
-    assert not (repo / "metrics/verify_normalization.json").exists()
+    assert not (repo / "metrics/details/verify_normalization.json").exists()

@@ -30,12 +30,12 @@ def test_repro_runs_every_stage_and_writes_its_metrics(pipeline_repo):
 
 
 def test_data_stages_outputs(pipeline_repo):
-    prepare = json.loads((pipeline_repo / "metrics/prepare.json").read_text())
+    prepare = json.loads((pipeline_repo / "metrics/details/prepare.json").read_text())
     assert prepare["images"] == 4 * 14 and prepare["classes"] == 4
     assert prepare["images_with_mask"] == prepare["images"]
     split = (pipeline_repo / "data/split.csv").read_text().splitlines()
     assert split[0] == "path,label,split,mask_path" and len(split) == 1 + 4 * 14
-    norm = json.loads((pipeline_repo / "metrics/verify_normalization.json").read_text())
+    norm = json.loads((pipeline_repo / "metrics/details/verify_normalization.json").read_text())
     assert all(abs(norm[f"normalized_mean_{c}"]) < 0.5 for c in "rgb")
 
 
@@ -81,6 +81,46 @@ def test_every_stage_is_an_mlflow_run_grouped_under_one_parent(pipeline_repo):
     assert all(t.get("mlflow.parentRunId") for t in children.values())
     logged = db.execute("select count(*) from metrics").fetchone()[0]
     assert logged > 20
+    # The parent carries the headline alone (the DVC metrics files' numbers), not the details.
+    (parent,) = [run_id for run_id, t in by_run.items()
+                 if t.get("pipeline.parent") == "true" and t["pipeline.group"] == first_group]
+    on_parent = {key for (key,) in db.execute(
+        "select distinct key from metrics where run_uuid = ?", (parent,)).fetchall()}
+    assert on_parent == set(headline_of(pipeline_repo))
+
+
+def headline_of(repo) -> dict[str, dict]:
+    """'<stage>.<key>' -> value: every stage's headline, from the details it wrote."""
+    from retrieval import headline
+
+    found = {}
+    for stage in stages_of(repo):
+        details = repo / "metrics" / "details" / f"{stage}.json"
+        if details.is_file():
+            found.update({f"{stage}.{k}": v for k, v in
+                          headline.flat(stage, json.loads(details.read_text())).items()})
+    return found
+
+
+def test_dvc_metrics_are_the_headline_alone(pipeline_repo):
+    """Issue 18: `dvc metrics show` printed one table thousands of characters wide and `dvc
+    metrics diff` mixed in the timings; the declared metrics are now the headline files alone."""
+    from retrieval import headline
+
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], cwd=pipeline_repo).stdout)
+    (files,) = [revision["data"] for revision in shown.values()]
+    expected = {}
+    for stage in stages_of(pipeline_repo):
+        details = json.loads((pipeline_repo / "metrics/details" / f"{stage}.json").read_text()
+                             ) if stage != "report" else {}
+        expected.update({path.as_posix(): content
+                         for path, content in headline.files(stage, details).items()})
+    assert {path: entry["data"] for path, entry in files.items()} == expected
+    assert len(expected) == 3 + 3 + 2  # evaluate and gradcam_segment per model, 2 trainings
+    table = run(["dvc", "metrics", "show"], cwd=pipeline_repo).stdout.splitlines()
+    assert len(table) == 1 + len(expected) and max(map(len, table)) <= 200, table
+    diff = run(["dvc", "metrics", "diff", "--all"], cwd=pipeline_repo).stdout
+    assert "timing" not in diff and "details" not in diff and "tp" not in diff.split()
 
 
 def test_exp_run_with_lr_retrains_and_lands_in_the_project_store(pipeline_repo):
@@ -104,7 +144,7 @@ def test_one_threshold_from_evaluate_to_compare_export_and_report(pipeline_repo,
     from retrieval import outputs
     from tests.conftest import call_cli
 
-    scores = json.loads((pipeline_repo / "metrics" / "evaluate.json").read_text())
+    scores = json.loads((pipeline_repo / "metrics" / "details" / "evaluate.json").read_text())
     for model, stage in (("frozen", "train_frozen"), ("unfrozen", "train_unfrozen")):
         saved = json.loads((pipeline_repo / "models" / stage / "threshold.json").read_text())
         assert saved["model"] == model and saved["criterion"] in ("accuracy", "f1")

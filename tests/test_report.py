@@ -58,7 +58,7 @@ def test_every_figure_appears_exactly_once(rendered):
 
 def test_numbers_match_the_metrics_files(rendered, project):
     html, md = rendered["html"], rendered["md"]
-    evaluate = json.loads((project / "metrics/evaluate.json").read_text())
+    evaluate = json.loads((project / "metrics/details/evaluate.json").read_text())
     for scores in evaluate.values():
         for name in ("map", "precision_at_1", "roc_auc", "eer", "recall_at_5"):
             assert report.fmt(scores[name]) in md
@@ -102,9 +102,9 @@ def test_pdf_has_every_figure_and_is_reproducible(rendered, tmp_path):
 
 
 def test_stages_that_have_not_run_are_reported_missing(tmp_path):
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/prepare.json").write_text(json.dumps(METRICS["prepare"]))
-    inputs = report.load_inputs(tmp_path / "metrics", tmp_path / "plots", {}, RUN)
+    (tmp_path / "metrics/details").mkdir(parents=True)
+    (tmp_path / "metrics/details/prepare.json").write_text(json.dumps(METRICS["prepare"]))
+    inputs = report.load_inputs(tmp_path / "metrics/details", tmp_path / "plots", {}, RUN)
     sections = report.build_sections(inputs)
     md = report.render_markdown(sections, RUN, lambda f: f.key)
     for stage in report.STAGES[1:]:
@@ -115,16 +115,16 @@ def test_stages_that_have_not_run_are_reported_missing(tmp_path):
 
 
 def test_a_stage_that_ran_without_its_figure_is_reported(tmp_path):
-    (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics/embed_viz.json").write_text(json.dumps(METRICS["embed_viz"]))
-    inputs = report.load_inputs(tmp_path / "metrics", tmp_path / "plots", {}, RUN)
+    (tmp_path / "metrics/details").mkdir(parents=True)
+    (tmp_path / "metrics/details/embed_viz.json").write_text(json.dumps(METRICS["embed_viz"]))
+    inputs = report.load_inputs(tmp_path / "metrics/details", tmp_path / "plots", {}, RUN)
     md = report.render_markdown(report.build_sections(inputs), RUN, lambda f: f.key)
     assert "Figure embed_viz/tsne.png was not found" in md
     assert "embed_viz/direct" not in md  # optional: drawn only for 2-D embeddings
 
 
 def test_nothing_has_run(tmp_path):
-    inputs = report.load_inputs(tmp_path / "metrics", tmp_path / "plots", {}, RUN)
+    inputs = report.load_inputs(tmp_path / "metrics/details", tmp_path / "plots", {}, RUN)
     (summary, *_) = report.build_sections(inputs)
     assert summary.blocks == [report.Missing("No stage has produced metrics yet: run `dvc "
                                              "repro`.")]
@@ -143,14 +143,14 @@ def test_experiment_comparison_from_mlflow_runs(project):
 
 
 def test_wall_time_per_stage_in_pipeline_order_with_the_total(project):
-    inputs = report.load_inputs(project / "metrics", project / "plots", {}, dataclasses.replace(
+    details = project / "metrics" / "details"
+    inputs = report.load_inputs(details, project / "plots", {}, dataclasses.replace(
         RUN, durations={"evaluate": 90.0, "train_frozen": 30.0, "prepare": 6.0}))
     md = report.render_markdown(report.build_sections(inputs), inputs.run, lambda f: f.key)
     table = md[md.index('<a id="wall_time">'):]
     assert "| prepare | 0.1 |\n| train_frozen | 0.5 |\n| evaluate | 1.5 |\n| all of them | 2.1 |" \
         in table
-    none = report.build_sections(report.load_inputs(project / "metrics", project / "plots", {},
-                                                    RUN))
+    none = report.build_sections(report.load_inputs(details, project / "plots", {}, RUN))
     (wall,) = [s for s in none if s.id == "wall_time"]
     assert "No stage of this pipeline execution" in wall.blocks[0].text
 
@@ -195,7 +195,7 @@ def test_cosine_similarity_section_with_and_without_its_metrics(rendered, tmp_pa
     root = make_project(tmp_path)
     older = {m: {k: v for k, v in s.items() if not k.startswith("cosine_")}
              for m, s in METRICS["evaluate"].items()}
-    (root / "metrics/evaluate.json").write_text(json.dumps(older))
+    (root / "metrics/details/evaluate.json").write_text(json.dumps(older))
     (root / "plots/evaluate/similarity.png").unlink()
     _, sections = build(root)
     old_md = report.render_markdown(sections, RUN, lambda f: f.key)

@@ -88,7 +88,7 @@ def test_a_new_section_is_one_entry(monkeypatch, tmp_path: Path):
             in_summary=True),))
     monkeypatch.setattr(sections, "SECTIONS", (*SECTIONS[:-1], entry, SECTIONS[-1]))
     root = make_project(tmp_path)
-    (root / "metrics" / "future_stage.json").write_text('{"evaluate": 12}')
+    (root / "metrics" / "details" / "future_stage.json").write_text('{"evaluate": 12}')
     inputs = load(root)
     for key, figure in report.drawn_figures(inputs):
         figure.savefig(tmp_path / "drawn.png")

@@ -36,20 +36,20 @@ def digits_repo(tmp_path_factory, mlflow_db_template):
 
 
 def test_digits_are_prepared_offline_as_ten_classes(digits_repo):
-    prepare = json.loads((digits_repo / "metrics/prepare.json").read_text())
+    prepare = json.loads((digits_repo / "metrics/details/prepare.json").read_text())
     assert prepare["images"] == 1797 and prepare["classes"] == 10
     assert prepare["excluded"] == 0 and prepare["images_with_mask"] == 0
 
 
 def test_the_2d_embeddings_are_plotted_and_scored(digits_repo):
-    scores = json.loads((digits_repo / "metrics/embed_viz.json").read_text())
+    scores = json.loads((digits_repo / "metrics/details/embed_viz.json").read_text())
     unfrozen = scores["unfrozen"]
     assert unfrozen["embedding_dim"] == 2 and scores["baseline"]["class_shape"] is None
     assert 0 <= unfrozen["knn_accuracy"] <= 1 and 0 <= unfrozen["p_at_1"] <= 1
     assert unfrozen["radial_elongation"] > 0  # raw head output: it has a radial spread
     assert unfrozen["class_shape"] in ("radial spokes", "compact clusters", "overlapping classes")
     assert (digits_repo / "plots/embed_viz/direct.png").stat().st_size > 10_000
-    evaluate = json.loads((digits_repo / "metrics/evaluate.json").read_text())
+    evaluate = json.loads((digits_repo / "metrics/details/evaluate.json").read_text())
     assert {"cosine_same_mean", "cosine_different_mean", "cosine_gap"} <= set(evaluate["unfrozen"])
     report = (digits_repo / "report/report.md").read_text()
     assert "embed_viz/direct.png" in report and "classes lie as" in report

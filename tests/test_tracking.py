@@ -198,3 +198,55 @@ def test_the_dataset_is_logged_with_its_dvc_hash_and_size(tmp_path, monkeypatch,
     # prepare re-ran outside DVC: dvc.lock's hash no longer names the data, so none is logged.
     (prepared / "index.csv").write_text("path,label,mask_path\na.png,a,\n")
     assert tracking.dvc_dataset() is None
+
+
+def test_the_parent_run_carries_only_the_headline_and_the_stage_runs_keep_the_details(
+        tmp_path, monkeypatch, mlflow_db_template):
+    """Issue 18: the parent held every stage's metrics (241, embedding_dim and tp/fp among them).
+    Now it holds the headline (the numbers of the DVC metrics files), each stage run the rest."""
+    import shutil
+
+    import mlflow
+
+    from retrieval import config, evaluation, headline
+    from tests.report_data import METRICS
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    (tmp_path / "mlruns").mkdir()
+    shutil.copy(mlflow_db_template, tmp_path / "mlruns" / "mlflow.db")
+    monkeypatch.chdir(tmp_path)
+    segment = dict(METRICS["gradcam_segment"])  # a method whose name MLflow refuses as is
+    segment["unfrozen"] = {**segment["unfrozen"], "gradcam++": {"mean_iou": 0.25, "target": "x"}}
+    details = {stage: METRICS[stage] for stage in ("prepare", "split", "train_frozen",
+                                                   "train_unfrozen", "evaluate", "embed_viz")}
+    details["gradcam_segment"] = segment
+    runs = {}
+    for stage, values in details.items():
+        with tracking.stage_run(stage, {"seed": 1}) as run:
+            flat = (evaluation.flat_metrics(values) if stage == "evaluate"
+                    else config.flatten(values))
+            run.log_metrics(flat)
+            run.log_headline(headline.flat(stage, values))
+        runs[stage] = run.run_id
+    client = mlflow.MlflowClient(tracking.tracking_uri())
+    parent = client.get_run(run.parent_id).data.metrics
+    models = ("baseline", "frozen", "unfrozen")
+    assert set(parent) == {
+        *(f"evaluate.{m}.{k}" for m in models for k in ("precision_at_1", "map", "accuracy",
+                                                       "roc_auc")),
+        *(f"gradcam_segment.{m}.iou.gradcam" for m in models),
+        "gradcam_segment.unfrozen.iou.gradcampp",
+        *(f"{s}.{k}" for s in ("train_frozen", "train_unfrozen")
+          for k in ("val_accuracy", "best_epoch"))}
+    assert parent["evaluate.unfrozen.map"] == 0.58
+    assert parent["gradcam_segment.frozen.iou.gradcam"] == 0.422
+    assert parent["train_frozen.val_accuracy"] == 0.71
+    # The details stay on each stage's own run.
+    evaluate = client.get_run(runs["evaluate"]).data.metrics
+    assert evaluate["unfrozen.tp"] == 700 and evaluate["unfrozen.embedding_dim"] == 16
+    assert evaluate["unfrozen.map"] == 0.58
+    assert client.get_run(runs["prepare"]).data.metrics["images"] == 120
+    assert client.get_run(runs["gradcam_segment"]).data.metrics[
+        "unfrozen.gradcampp.mean_iou"] == 0.25
+    assert client.get_run(runs["train_unfrozen"]).data.metrics["best_val_loss"] == 0.1011

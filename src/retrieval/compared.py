@@ -18,7 +18,7 @@ View = Literal["backbone", "head", "model"]
 class ComparedModel:
     """One model of the comparison: all that evaluate and embed_viz need to know about it."""
 
-    name: str  # key in metrics/evaluate.json, column of the tables, data/embeddings/<name>.npz
+    name: str  # key in metrics/details/evaluate.json, table column, data/embeddings/<name>.npz
     checkpoint: str  # the training stage whose best.pt it embeds with
     # How its embedding is computed from that checkpoint's network:
     #   backbone  the pooled backbone features (``net.features``), the untrained descriptor

@@ -300,7 +300,7 @@ def retrieve(queries: np.ndarray, query_labels: np.ndarray, gallery: np.ndarray,
 
 @dataclass
 class ModelResult:
-    metrics: dict  # the model's entry in metrics/evaluate.json
+    metrics: dict  # the model's entry in metrics/details/evaluate.json
     verification: Verification
     retrieval: Retrieval
     test_similarities: np.ndarray  # (P_test,) cosine similarity of each test pair

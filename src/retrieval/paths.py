@@ -38,13 +38,30 @@ def threshold(stage: str) -> Path:
     return checkpoint(stage).with_name(THRESHOLD_FILE)
 
 
+# metrics/ holds three kinds of JSON (retrieval.headline): dvc.yaml declares only the headline
+# files as `metrics`, so `dvc metrics show/diff` and `dvc exp show` stay readable; the details
+# and the wall-clock numbers are plain outputs beside them.
+DETAILS = METRICS / "details"  # every number each stage measured: the report reads these
+
+
 def metrics(stage: str) -> Path:
-    """A stage's metrics JSON (identical across identical runs)."""
+    """A stage's headline metrics (a DVC metric): the few numbers compared across experiments."""
     return METRICS / f"{stage}.json"
 
 
+def model_metrics(stage: str, model: str) -> Path:
+    """A stage's headline metrics of one compared model (a DVC metric): one row per model in
+    `dvc metrics show`, its metrics as the columns."""
+    return METRICS / stage / f"{model}.json"
+
+
+def details(stage: str) -> Path:
+    """Everything a stage measured (identical across identical runs); not a DVC metric."""
+    return DETAILS / f"{stage}.json"
+
+
 def timing(stage: str) -> Path:
-    """A stage's wall-clock numbers, apart from its metrics."""
+    """A stage's wall-clock numbers, apart from its metrics; not a DVC metric."""
     return METRICS / "timing" / f"{stage}.json"
 
 

@@ -8,8 +8,10 @@ never writes into, or reads from, the first clone. ``MLFLOW_TRACKING_URI`` overr
 server.
 
 Grouping: each stage is a nested run under one parent per (DVC experiment or workspace, git
-commit, params). The parent carries every stage's headline metrics prefixed by the stage name
-(``evaluate.unfrozen.map``) and all params, so the MLflow UI compares experiments side by side.
+commit, params). The parent carries only the headline metrics (``retrieval.headline``: the same
+numbers as the DVC metrics files) prefixed by the stage name (``evaluate.unfrozen.map``) and all
+params, so the MLflow UI compares experiments side by side; each stage's own run keeps all of
+its details.
 
 Faults (README, "Tracking faults"): a server named by ``MLFLOW_TRACKING_URI`` is probed first
 (``tracking.timeout_s``); when it does not answer, ``tracking.unreachable`` decides: ``fail`` in
@@ -296,13 +298,17 @@ class StageRun:
             self._watch.check(self.stage)
         return result
 
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None,
-                    to_parent: bool = False) -> None:
-        clean = {k: float(v) for k, v in metrics.items() if _is_number(v)}
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        """Numbers to this stage's run (non-numbers are skipped): all its details."""
+        clean = _metric_values(metrics)
         self._call(lambda: self._mlflow.log_metrics(clean, step=step))
-        if to_parent:
-            prefixed = {f"{self.stage}.{k}": v for k, v in clean.items()}
-            self._call(lambda: self._log_batch(self.parent_id, prefixed, step))
+
+    def log_headline(self, metrics: dict[str, Any]) -> None:
+        """The stage's headline numbers (``retrieval.headline.flat``) to the parent run, prefixed
+        by the stage (``evaluate.unfrozen.map``): the parent compares experiments, so it carries
+        these and nothing else; the details stay on this stage's run."""
+        prefixed = {f"{self.stage}.{k}": v for k, v in _metric_values(metrics).items()}
+        self._call(lambda: self._log_batch(self.parent_id, prefixed, None))
 
     def _log_batch(self, run_id: str, metrics: dict[str, float], step: int | None) -> None:
         from mlflow.entities import Metric
@@ -441,6 +447,12 @@ def _model_requirements() -> list[str]:
             if line.split("#")[0].strip().startswith("torch=="):
                 return [line.split("#")[0].strip()]
     return [f"torch=={torch.__version__.split('+')[0]}"]
+
+
+def _metric_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of ``metrics`` as floats, under names MLflow accepts ("+" is not one of its
+    characters: gradcam++ -> gradcampp)."""
+    return {k.replace("+", "p"): float(v) for k, v in metrics.items() if _is_number(v)}
 
 
 def _is_number(value: Any) -> bool:

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from retrieval import (
+    headline,
     losses,
     metrics,
     models,
@@ -801,16 +802,17 @@ def finish_stage(stage: str, checkpoint: Path, net: EmbeddingNet, result: FitRes
                  data: TrainingData, image_size: int, title: str, run,
                  extra_metrics: dict | None = None) -> dict:
     """After ``fit``: the best weights and the threshold chosen on val into ``checkpoint``, the
-    history CSV and curves under the stage's plots, the metrics and timing JSON, and all of it to
-    the stage's MLflow ``run``. Returns the metrics."""
+    history CSV and curves under the stage's plots, the details, headline and timing JSON, and all
+    of it to the stage's MLflow ``run`` (the headline to its parent too). Returns the details."""
     _write_best(checkpoint, stage, net, result.best_state, data, image_size,
                 epoch=result.best_epoch, threshold=result.threshold)
     plots = paths.plots(stage)
     write_history(result.history, plots / "history.csv", plots / "curves.png", title)
     summary = {**summary_metrics(result), **(extra_metrics or {})}
-    outputs.write_json(paths.metrics(stage), summary)
+    headline.write(stage, summary)
     outputs.write_json(paths.timing(stage), timing_metrics(result))
-    run.log_metrics(summary, to_parent=True)
+    run.log_metrics(summary)
+    run.log_headline(headline.flat(stage, summary))
     run.log_metrics(timing_metrics(result))
     run.log_artifact(plots)
     return summary

@@ -2,7 +2,7 @@
 
 Each must end with a one-line error naming the file or parameter and what to do, a non-zero exit
 and no outputs written; or, for individual bad images, their exclusion with a count and a list in
-metrics/prepare.json while the run goes on.
+metrics/details/prepare.json while the run goes on.
 
 Already covered elsewhere, not repeated here: decoding and indexing every odd image kind
 (truncated, empty, text as .jpg, no extension, grayscale, CMYK, palette, RGBA, 16-bit, 1x1, EXIF
@@ -197,7 +197,7 @@ def test_prepare_split_and_decoding_survive_a_messy_folder(repo, tmp_path):
     for name in ("prepare", "split", "verify_normalization"):
         result = stage(repo, name)
         assert result.returncode == 0, (name, result.stderr[-3000:])
-    metrics = json.loads((repo / "metrics/prepare.json").read_text())
+    metrics = json.loads((repo / "metrics/details/prepare.json").read_text())
     assert metrics["excluded"] == len(metrics["excluded_files"]) == len(BAD_FILES)
     assert set(metrics["excluded_files"]) == set(BAD_FILES)
     excluded = pd.read_csv(repo / "data/prepared/excluded.csv", keep_default_na=False)
@@ -212,11 +212,11 @@ def test_prepare_split_and_decoding_survive_a_messy_folder(repo, tmp_path):
     assert metrics["classes"] == 4 and metrics["images"] == len(kept) == 15 + 5 + 4 + 1
     assert (metrics["images_with_mask"], metrics["mismatched_masks"]) == (1, 1)
     assert metrics["missing_masks"] == metrics["images"] - 2
-    split = json.loads((repo / "metrics/split.json").read_text())
+    split = json.loads((repo / "metrics/details/split.json").read_text())
     assert split["small_class_names"] == ["single"]  # 1 image: training data only
     table = pd.read_csv(repo / "data/split.csv", keep_default_na=False)
     assert table.loc[table["label"] == "single", "split"].tolist() == ["train"]
-    norm = json.loads((repo / "metrics/verify_normalization.json").read_text())
+    norm = json.loads((repo / "metrics/details/verify_normalization.json").read_text())
     assert norm["images"] > 0  # every kept file decoded in the real cache path
 
 
@@ -254,7 +254,7 @@ def test_a_single_class_stops_at_the_split_with_a_clear_error(repo, tmp_path):
     assert stage(repo, "prepare").returncode == 0
     before = outputs_of(repo)
     assert_one_line_error(stage(repo, "split"), "1 class", "at least 2 classes")
-    assert outputs_of(repo) == before  # no data/split.csv, no metrics/split.json
+    assert outputs_of(repo) == before  # no data/split.csv, no metrics/details/split.json
 
 
 def test_splits_that_cannot_supply_validation_or_test_pairs_are_refused():

@@ -2,9 +2,10 @@
 
 The rules are data.py's module docstring (and README "Dataset rules"): each case builds a small
 folder in tmp_path and checks what a user gets, either the decoded pixels, the one reason a file
-is refused with, or the row of excluded.csv and the count of metrics/prepare.json. Most cases call
-data.load_rgb / load_mask / index_folder directly; the last ones run the real prepare stage
-in-process and also check that the dataset folder is unchanged and no temporary file is left.
+is refused with, or the row of excluded.csv and the count of metrics/details/prepare.json.
+Most cases call data.load_rgb / load_mask / index_folder directly; the last ones run the real
+prepare stage in-process and also check that the dataset folder is unchanged and no temporary
+file is left.
 """
 
 from __future__ import annotations
@@ -464,7 +465,7 @@ def test_prepare_reports_the_hostile_probe(prepare_repo, tmp_path):
     result = run_script("stages/prepare.py", cwd=prepare_repo)
     assert result.returncode == 0, result.stderr[-3000:]
     assert tree_digest(tmp_path) == before and not leftovers(prepare_repo)
-    metrics = json.loads((prepare_repo / "metrics/prepare.json").read_text())
+    metrics = json.loads((prepare_repo / "metrics/details/prepare.json").read_text())
     excluded = pd.read_csv(prepare_repo / "data/prepared/excluded.csv", keep_default_na=False)
     why = dict(zip(excluded["path"], excluded["reason"], strict=True))
     assert why["a/strip.png"].startswith("aspect ratio 1:20000")

@@ -209,10 +209,10 @@ def split_repo(tmp_path_factory: pytest.TempPathFactory, mlflow_db_template: Pat
     return repo
 
 
-SPLIT_OUTPUTS = ("data/split.csv", "metrics/split.json", "plots/split/class_counts.csv")
+SPLIT_OUTPUTS = ("data/split.csv", "metrics/details/split.json", "plots/split/class_counts.csv")
 
 
-@pytest.mark.parametrize("folder", ["plots/split", "metrics", "data", "mlruns"],
+@pytest.mark.parametrize("folder", ["plots/split", "metrics/details", "data", "mlruns"],
                          ids=["plots-folder", "metrics-folder", "outs-folder", "mlflow-store"])
 def test_a_read_only_output_folder_is_refused_before_anything_is_replaced(folder, split_repo):
     if os.geteuid() != 0:

@@ -29,7 +29,8 @@ from tests.conftest import BIN, run
 
 STAGE = "train_unfrozen"
 OUTPUTS = ("metrics/train_unfrozen.json", "metrics/timing/train_unfrozen.json",
-           "models/train_unfrozen/best.pt", "plots/train_unfrozen/history.csv")
+           "models/train_unfrozen/best.pt", "plots/train_unfrozen/history.csv",
+           "metrics/details/train_unfrozen.json")
 
 
 def environment() -> dict:
@@ -77,7 +78,7 @@ def interrupt_after(repo: Path, epoch: int, sig: signal.Signals, log: Path,
 
 
 def comparable(repo: Path) -> tuple[dict, pd.DataFrame, dict]:
-    metrics = json.loads((repo / OUTPUTS[0]).read_text())
+    metrics = json.loads((repo / OUTPUTS[4]).read_text())  # all of them, not the headline
     history = pd.read_csv(repo / OUTPUTS[3]).drop(columns=["epoch_seconds"])
     weights = torch.load(repo / OUTPUTS[2], weights_only=True)["state_dict"]
     return metrics, history, weights

@@ -68,9 +68,9 @@ def load_inputs(metrics_dir: str | Path, plots_dir: str | Path, params: dict[str
                 run: RunInfo, experiments: pd.DataFrame | None = None,
                 excluded_csv: str | Path | None = None,
                 threshold: Threshold | None = None) -> Inputs:
-    """Read every `<metrics_dir>/<stage>.json` (in pipeline order), every PNG under
-    `<plots_dir>/<stage>/`, the training histories and the class counts; whatever does not
-    exist is simply absent."""
+    """Read every `<metrics_dir>/<stage>.json` (the stages' details, `paths.DETAILS`, in
+    pipeline order), every PNG under `<plots_dir>/<stage>/`, the training histories and the
+    class counts; whatever does not exist is simply absent."""
     metrics_dir, plots_dir = Path(metrics_dir), Path(plots_dir)
     metrics = {path.stem: outputs.read_json(path)
                for path in sorted(metrics_dir.glob("*.json"), key=lambda p: stage_order(p.stem))}

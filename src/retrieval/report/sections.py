@@ -168,8 +168,8 @@ SECTIONS: tuple[SectionSpec, ...] = (
 
 
 def _missing_stage(stage: str) -> Missing:
-    return Missing(f"The {stage} stage has not produced its outputs yet (metrics/{stage}.json "
-                   f"is missing): run `dvc repro {stage}`.")
+    return Missing(f"The {stage} stage has not produced its outputs yet "
+                   f"(metrics/details/{stage}.json is missing): run `dvc repro {stage}`.")
 
 
 def _unnamed_figures(inputs: Inputs) -> dict[str, list[str]]:
