@@ -186,10 +186,10 @@ def test_sigkill_of_dvcs_process_group_still_stops_the_workers(tmp_path):
 def test_train_unfrozen_runs_as_two_process_ddp(pipeline_repo, tmp_path):
     repo = tmp_path / "ddp"
     shutil.copytree(pipeline_repo, repo, symlinks=True)
-    (repo / "metrics" / "train_unfrozen.json").unlink()
+    (repo / "metrics" / "details" / "train_unfrozen.json").unlink()
     result = run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2",
                   "stages/train_unfrozen.py"], cwd=repo, env={"OMP_NUM_THREADS": "1"})
-    metrics = json.loads((repo / "metrics" / "train_unfrozen.json").read_text())
+    metrics = json.loads((repo / "metrics" / "details" / "train_unfrozen.json").read_text())
     assert 0 <= metrics["best_epoch"] <= 2
     # Rank 0 alone writes: one history with epochs 0..2, one checkpoint.
     history = (repo / "plots" / "train_unfrozen" / "history.csv").read_text().splitlines()
@@ -222,7 +222,7 @@ def test_dvc_repro_trains_with_two_processes_and_a_sigterm_to_dvc_stops_them(
     repo = tmp_path / "ddp_dvc"
     shutil.copytree(pipeline_repo, repo, symlinks=True)
     one_process = stage_outputs(repo)
-    metrics_before = json.loads((repo / "metrics" / "train_unfrozen.json").read_text())
+    metrics_before = json.loads((repo / "metrics" / "details" / "train_unfrozen.json").read_text())
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train_unfrozen"].update(processes=2, epochs=3)  # room to interrupt after epoch 1
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -259,7 +259,7 @@ def test_dvc_repro_trains_with_two_processes_and_a_sigterm_to_dvc_stops_them(
     assert "resuming from the checkpoint of epoch" in result.stdout + result.stderr
     assert "Traceback" not in result.stderr
     assert stage_outputs(repo) == one_process
-    metrics = json.loads((repo / "metrics" / "train_unfrozen.json").read_text())
+    metrics = json.loads((repo / "metrics" / "details" / "train_unfrozen.json").read_text())
     assert sorted(metrics) == sorted(metrics_before) and 0 <= metrics["best_epoch"] <= 3
     history = (repo / "plots" / "train_unfrozen" / "history.csv").read_text().splitlines()
     assert len(history) == 1 + 4

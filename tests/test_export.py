@@ -125,7 +125,7 @@ def test_the_pipeline_exports_the_fine_tuned_model_and_logs_it(pipeline_repo):
     card = json.loads((folder / export.PREPROCESSING_FILE).read_text())
     checkpoint = pipeline_repo / "models" / "train_unfrozen" / "best.pt"
     assert card["checkpoint_sha256"] == outputs.file_digest(checkpoint)
-    metrics = json.loads((pipeline_repo / "metrics" / "export.json").read_text())
+    metrics = json.loads((pipeline_repo / "metrics" / "details" / "export.json").read_text())
     assert metrics["verify_images"] >= 1
     for name, file in export.FORMATS.items():
         assert metrics[f"{name}_max_abs_diff"] <= TOLERANCE[name]

@@ -67,7 +67,7 @@ def test_the_registered_model_embeds_like_the_checkpoint(pipeline_repo):
     assert found["inputs"][0]["tensor-spec"]["shape"][0] == -1  # any batch size
     assert found["outputs"][0]["tensor-spec"]["shape"] == [-1, 16]
     head = run(["git", "rev-parse", "HEAD"], cwd=pipeline_repo).stdout.strip()
-    scores = json.loads((pipeline_repo / "metrics" / "evaluate.json").read_text())
+    scores = json.loads((pipeline_repo / "metrics" / "details" / "evaluate.json").read_text())
     tags = found["tags"]
     assert tags["git_commit"] == head
     assert float(tags["test_map"]) == pytest.approx(scores["unfrozen"]["map"], abs=1e-6)
