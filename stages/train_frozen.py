@@ -67,7 +67,7 @@ def main() -> None:
             encoder = training.FrozenEncoder(net, full, device)
         optimizer = training.build_optimizer(net, t.optimizer, params.lr, t.weight_decay,
                                              t.momentum)
-        run_id = training.fingerprint(config.select(params, keys), images.key)
+        run_id = training.resume_fingerprint(config.select(params, keys), images.key)
         resume = training.ResumeSpec(workspace.cache_dir() / "resume" / f"{STAGE}-{run_id}.pt",
                                      run_id)
         result = training.fit(

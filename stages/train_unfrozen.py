@@ -87,8 +87,8 @@ def train(params: config.Params, table: pd.DataFrame, split: training.TrainingDa
         encoder = training.ImageEncoder(model, images, size, u.augment, device, params.precision)
         optimizer = training.build_optimizer(net, t.optimizer, params.lr, t.weight_decay,
                                              t.momentum, u.backbone_lr_mult)
-        run_id = training.fingerprint(config.select(params, keys), images.key,
-                                      runtime.world_size())
+        run_id = training.resume_fingerprint(config.select(params, keys), images.key,
+                                             runtime.world_size())
         resume = training.ResumeSpec(workspace.cache_dir() / "resume" / f"{STAGE}-{run_id}.pt",
                                      run_id)
         result = training.fit(

@@ -358,3 +358,20 @@ def test_an_unnormalised_model_trains_and_validates_on_its_raw_embedding():
                                            hidden_dim=8, embedding_dim=2))
     np.testing.assert_allclose(training.embedding_space(unit, z.numpy()),
                                [[0.6, 0.8], [0.0, 1.0]], rtol=1e-6)
+
+
+def test_a_resume_state_is_keyed_on_the_training_code_as_well_as_params_and_data(tmp_path):
+    import types
+
+    module = types.SimpleNamespace(__file__=str(tmp_path / "step.py"))
+    (tmp_path / "step.py").write_text("loss = 1\n")
+    before = training.source_digest(module)
+    (tmp_path / "step.py").write_text("loss = 2\n")
+    assert training.source_digest(module) != before
+    # Same params and data, so the same plain fingerprint, but the resume key also names the code.
+    assert training.resume_fingerprint({"lr": 1e-3}, "images") == \
+        training.resume_fingerprint({"lr": 1e-3}, "images")
+    assert training.resume_fingerprint({"lr": 1e-3}, "images") != \
+        training.fingerprint({"lr": 1e-3}, "images")
+    assert training.resume_fingerprint({"lr": 1e-3}, "images") != \
+        training.resume_fingerprint({"lr": 3e-3}, "images")

@@ -372,6 +372,23 @@ def fingerprint(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def source_digest(*modules: object) -> str:
+    """SHA-256 of the modules' source files: a cache keyed on it is not reused across a code
+    change that could alter what it holds."""
+    return hashlib.sha256(b"".join(Path(module.__file__).read_bytes()
+                                   for module in modules)).hexdigest()
+
+
+def resume_fingerprint(*parts: object) -> str:
+    """``fingerprint`` of a training run for its resume state, with the source of the code that
+    shapes an epoch (this module, the losses, samplers, model, augmentation): a state saved by
+    other code (say, another epoch-0 row) is ignored, never resumed."""
+    import sys
+
+    return fingerprint(*parts, source_digest(sys.modules[__name__], losses, sampling, models,
+                                             transforms, rng, runtime))
+
+
 def save_resume_state(path: Path, state: dict) -> None:
     with atomic_path(path) as temp, open(temp, "wb") as stream:  # see models.save_checkpoint
         torch.save(state, stream)
@@ -757,8 +774,7 @@ def feature_cache_key(net: EmbeddingNet, images: ImageCache, indices: np.ndarray
     for name, tensor in net.trunk.state_dict().items():
         weights.update(name.encode())
         weights.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
-    code = hashlib.sha256(b"".join(Path(module.__file__).read_bytes() for module in
-                                   (models, transforms, runtime, embed))).hexdigest()
+    code = source_digest(models, transforms, runtime, embed)
     versions = {"torch": torch.__version__, "torchvision": torchvision.__version__,
                 "timm": _version("timm")}
     return fingerprint(images.key, hashlib.sha256(np.asarray(indices).tobytes()).hexdigest(),
